@@ -1,0 +1,73 @@
+"""`python -m service`: parse the settings and run uvicorn with one or more workers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import CliApp, SettingsError
+from uvicorn.config import LOGGING_CONFIG
+
+from service.settings import SETTINGS_ENV_VAR, Settings
+
+APP_FACTORY = "service.app:create_app_from_environment"
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn options a worker runs with (the tests start workers with these too)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "factory": True,
+        "lifespan": "on",
+        # The implementation the service is tested with; see PITFALLS.md for its traps.
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": settings.ws_ping_timeout,
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+        # Without it uvicorn waits for app tasks forever on SIGTERM.
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
+        "log_level": settings.log_level,
+        "log_config": _log_config(settings),
+    }
+
+
+def _log_config(settings: Settings) -> dict[str, Any]:
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["service"] = {
+        "handlers": ["default"],
+        "level": settings.log_level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Settings from flags, environment and .env; exits with a readable message if invalid."""
+    try:
+        return CliApp.run(Settings, cli_args=argv)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        ]
+        sys.exit("error: invalid settings\n" + "\n".join(lines))
+    except SettingsError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m service` and `broadcast-service`."""
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    # uvicorn's worker processes import the app anew: hand them the parsed settings.
+    os.environ[SETTINGS_ENV_VAR] = settings.model_dump_json()
+    uvicorn.run(APP_FACTORY, **uvicorn_options(settings))
+
+
+if __name__ == "__main__":
+    main()

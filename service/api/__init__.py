@@ -1,0 +1,1 @@
+"""FastAPI routes: WebSocket endpoints, HTTP publish, health, metrics and the demo page."""

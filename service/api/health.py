@@ -1,0 +1,38 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import get_runtime
+from service.runtime import Runtime
+
+router = APIRouter()
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+@router.get("/healthz")
+async def healthz(runtime: RuntimeDep) -> dict[str, str]:
+    """The process is alive and serving."""
+    return {"status": "ok", "worker": runtime.worker_id}
+
+
+@router.get("/readyz")
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """200 when Redis answers and this worker's subscriptions are alive, else 503."""
+    readiness = await runtime.broker.readiness()
+    body = {"ready": readiness.ready, "worker": runtime.worker_id}
+    if not readiness.ready:
+        body["reason"] = readiness.reason
+    return JSONResponse(body, status_code=200 if readiness.ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus text exposition of this worker's metrics."""
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,72 @@
+"""HTTP publishing: `POST /api/channels/{channel}/messages` with `{"data": ...}`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+
+from service.api.deps import get_runtime
+from service.channels import validate_channel
+from service.errors import ProtocolError
+from service.protocol.codes import ErrorCode
+from service.protocol.commands import encode_json_value
+from service.runtime import Runtime
+
+router = APIRouter(prefix="/api")
+
+_BODY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"description": "Any JSON value."}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/channels/{channel}/messages", openapi_extra=_BODY_SCHEMA)
+async def publish(
+    channel: str, request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+) -> dict[str, str]:
+    """Publish `data` to `channel`; returns the message id."""
+    limits = runtime.limits
+    validate_channel(channel, limits.max_channel_length)
+    body = await _read_body(request, runtime.settings.max_frame_bytes)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or "data" not in payload:
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, 'body must be a JSON object with a "data" field'
+        )
+    data = encode_json_value(payload["data"], limits, "data", None)
+    message_id = await runtime.broker.publish(channel, data)
+    runtime.metrics.published.labels("http").inc()
+    return {"channel": channel, "id": message_id}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(
+            ErrorCode.MESSAGE_TOO_LARGE, f"body is {declared} bytes; the limit is {limit}"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(
+                ErrorCode.MESSAGE_TOO_LARGE, f"body is over the limit of {limit} bytes"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,89 @@
+"""`create_app(settings)`: the FastAPI application of one worker, and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from service import __version__
+from service.api import demo, health, http, ws
+from service.broker import Broker
+from service.errors import BrokerUnavailable, ProtocolError
+from service.hub import Hub
+from service.metrics import Metrics
+from service.protocol.codes import ErrorCode
+from service.protocol.commands import Limits
+from service.runtime import Runtime
+from service.settings import SETTINGS_ENV_VAR, Settings
+
+logger = logging.getLogger(__name__)
+
+_PROTOCOL_ERROR_STATUS = {ErrorCode.MESSAGE_TOO_LARGE: 413}
+# Seconds a client should wait before publishing again after a 503.
+_RETRY_AFTER_SECONDS = "1"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build a worker's app; Redis is connected in its lifespan, not here."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker_id = settings.resolved_worker_id()
+        async with Broker(settings) as broker:
+            hub = Hub(broker, linger=settings.channel_linger, on_fanout=metrics.deliveries.inc)
+            metrics.watch(hub, broker)
+            app.state.runtime = Runtime(
+                settings=settings,
+                broker=broker,
+                hub=hub,
+                metrics=metrics,
+                worker_id=worker_id,
+                limits=Limits(settings.max_channel_length, settings.max_data_bytes),
+            )
+            logger.info(
+                "worker %s ready to serve, backend %s, prefix %r",
+                worker_id,
+                settings.redacted_url(),
+                settings.redis_prefix,
+            )
+            try:
+                yield
+            finally:
+                await hub.close()
+
+    app = FastAPI(title="broadcast-service", version=__version__, lifespan=lifespan)
+    app.include_router(ws.router)
+    app.include_router(http.router)
+    app.include_router(health.router)
+    if settings.demo_page:
+        app.include_router(demo.router)
+    app.mount("/static", StaticFiles(packages=[("service", "static")]), name="static")
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
+        status = _PROTOCOL_ERROR_STATUS.get(exc.code, 400)
+        return JSONResponse({"error": exc.code.value, "message": exc.message}, status_code=status)
+
+    @app.exception_handler(BrokerUnavailable)
+    async def broker_unavailable(request: Request, exc: BrokerUnavailable) -> JSONResponse:
+        return JSONResponse(
+            {"error": exc.code.value, "message": f"{exc.message}; retry later"},
+            status_code=503,
+            headers={"Retry-After": _RETRY_AFTER_SECONDS},
+        )
+
+    return app
+
+
+def create_app_from_environment() -> FastAPI:
+    """Factory for uvicorn: settings handed over by `python -m service`, else from the env."""
+    handed_over = os.environ.get(SETTINGS_ENV_VAR)
+    settings = Settings.model_validate_json(handed_over) if handed_over else Settings()
+    return create_app(settings)

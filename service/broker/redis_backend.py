@@ -1,0 +1,291 @@
+"""A broadcaster backend for Redis pub/sub that never dies and never loses a subscription.
+
+broadcaster 0.3.1's own Redis backend has the traps listed in PITFALLS.md: with
+redis-py 8 it can deliver nothing after the first subscription (its listener waits
+on a signal sent before SUBSCRIBE is recorded), its listener ends for good on a
+disconnect or a non-UTF-8 payload, and it builds its client without retries.
+
+This backend keeps broadcaster's `BroadcastBackend` interface, but:
+
+* `subscribe`/`unsubscribe` only change a *wanted* set (and send the command when a
+  connection is up); they never raise, so broadcaster's bookkeeping stays consistent.
+* One reader task owns a dedicated pub/sub connection (not a pool connection). It
+  reconnects with jittered exponential backoff and re-subscribes everything wanted;
+  it catches every error, so it cannot end while the backend is open.
+* A watchdog pings the pub/sub connection when it is silent and rebuilds it when no
+  reply comes in time, which `health_check_interval` does not do for a frozen Redis.
+* Publishing a message is one Lua script: it takes the next id of the channel and
+  PUBLISHes the frame with that id spliced in, so ids agree on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+from broadcaster import BroadcastBackend, Event
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
+from redis.retry import Retry
+
+from service.errors import BrokerUnavailable
+
+logger = logging.getLogger(__name__)
+
+# KEYS[1]: the channel's id counter. ARGV: frame head, frame tail, counter TTL, pub/sub channel.
+# The counter outlives the channel's last message by the TTL so that ids keep increasing
+# while anyone may still hold one; an abandoned channel costs Redis nothing after that.
+_PUBLISH_SCRIPT = """
+local id = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[1] .. id .. ARGV[2])
+return id
+"""
+_COUNTER_TTL_SECONDS = 7 * 24 * 3600
+_FIRST_RETRY_DELAY = 0.05
+
+
+class RedisBackend(BroadcastBackend):
+    """broadcaster backend over one self-healing Redis pub/sub connection per worker."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        timeout: float,
+        ping_interval: float,
+        ping_timeout: float,
+        retry_max_delay: float,
+    ) -> None:
+        # BroadcastBackend.__init__ only raises NotImplementedError: not called on purpose.
+        self._prefix = prefix
+        self._timeout = timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._retry_max_delay = retry_max_delay
+        # Redis.from_url builds a client with no retries (PITFALLS.md). Retry only on
+        # connection errors: a timed-out script may still run later, and running it twice
+        # would publish the message twice.
+        self._client: Redis = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=_FIRST_RETRY_DELAY, cap=0.5),
+                retries=3,
+                supported_errors=(RedisConnectionError, OSError),
+            ),
+        )
+        self._publish_script = self._client.register_script(_PUBLISH_SCRIPT)
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        # channel name -> set once Redis confirmed our latest SUBSCRIBE to it
+        self._wanted: dict[str, asyncio.Event] = {}
+        # prefixed channel (bytes, as Redis sends it) -> channel name
+        self._names: dict[bytes, str] = {}
+        # channel name -> SUBSCRIBE commands sent on the current connection, not yet confirmed
+        self._pending: dict[str, int] = {}
+        self._conn: AbstractConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.reconnects = 0
+        self.dropped_payloads = 0
+        self.last_error = "not connected yet"
+
+    # -- broadcaster's interface ------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Start the reader; it connects (and keeps reconnecting) in the background."""
+        self._reader = asyncio.create_task(self._run_reader(), name="redis-pubsub-reader")
+
+    async def disconnect(self) -> None:
+        """Stop the reader and close both connections."""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._client.aclose()
+
+    async def subscribe(self, channel: str) -> None:
+        """Want `channel`; sent now if connected, else when the reader reconnects."""
+        key = self._key(channel)
+        self._wanted[channel] = asyncio.Event()
+        self._names[key] = channel
+        await self._send("SUBSCRIBE", key, channel=channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop wanting `channel`."""
+        if self._wanted.pop(channel, None) is None:
+            return
+        key = self._key(channel)
+        self._names.pop(key, None)
+        await self._send("UNSUBSCRIBE", key)
+
+    async def publish(self, channel: str, message: Any) -> None:
+        """PUBLISH a ready frame (used for join/leave events, which carry no id)."""
+        try:
+            await self._client.publish(self._key(channel), message)
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis did not accept the event: {exc}") from exc
+
+    async def next_published(self) -> Event:
+        """The next message on any wanted channel, as a str frame."""
+        return await self._queue.get()
+
+    # -- what the broker adds ---------------------------------------------------------
+
+    async def publish_message(self, channel: str, head: bytes, tail: bytes) -> str:
+        """Give the message the channel's next id and publish `head + id + tail`; return the id."""
+        counter = self._prefix.encode() + b"seq:" + channel.encode()
+        try:
+            message_id = await self._publish_script(
+                keys=[counter], args=[head, tail, _COUNTER_TTL_SECONDS, self._key(channel)]
+            )
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis did not accept the message: {exc}") from exc
+        return str(message_id)
+
+    async def wait_subscribed(self, channel: str) -> None:
+        """Return once Redis confirmed the subscription to `channel`."""
+        confirmed = self._wanted.get(channel)
+        if confirmed is None:
+            raise BrokerUnavailable(f"channel {channel!r} is not wanted")
+        try:
+            await asyncio.wait_for(confirmed.wait(), self._timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"Redis did not confirm the subscription within {self._timeout:g} s "
+                f"({self.last_error})"
+            ) from None
+
+    def subscriptions_alive(self) -> bool:
+        """True when connected and every wanted channel is confirmed by Redis."""
+        return self._conn is not None and all(e.is_set() for e in self._wanted.values())
+
+    async def ping(self) -> None:
+        """One PING on the command connection; raises BrokerUnavailable."""
+        try:
+            await self._client.ping()
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    # -- the reader ---------------------------------------------------------------------
+
+    def _key(self, channel: str) -> bytes:
+        return (self._prefix + channel).encode()
+
+    async def _send(self, *args: bytes | str, channel: str | None = None) -> None:
+        conn = self._conn
+        # Only write on a live connection: `send_command` would otherwise reconnect it
+        # from this task, behind the reader's back.
+        if conn is None or not conn.is_connected:
+            return
+        if channel is not None:
+            self._pending[channel] = self._pending.get(channel, 0) + 1
+        try:
+            await conn.send_command(*args, check_health=False)
+        except (RedisError, OSError) as exc:
+            # The reader sees the same broken connection, reconnects and re-subscribes.
+            logger.debug("pub/sub command %s not sent: %s", args[0], exc)
+
+    def _new_connection(self) -> AbstractConnection:
+        pool = self._client.connection_pool
+        # Our own connection, outside the pool, with no retries of its own: the reader
+        # decides when and how often to reconnect. RESP2, because redis-py 8 speaks RESP3 by
+        # default and then routes pub/sub messages through a push handler that formats a
+        # debug line for each one; in RESP2 they are plain replies.
+        kwargs = {
+            **pool.connection_kwargs,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+            # Cluster maintenance notifications need RESP3; this connection only subscribes.
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+            "maint_notifications_pool_handler": None,
+        }
+        return pool.connection_class(**kwargs)
+
+    async def _run_reader(self) -> None:
+        delay = _FIRST_RETRY_DELAY
+        failures = 0
+        while True:
+            conn = self._new_connection()
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+                # From here on `subscribe` sends on this connection itself; everything wanted
+                # before this point is in the snapshot below (no await in between).
+                self._conn = conn
+                self._pending = dict.fromkeys(self._wanted, 1)
+                if self._wanted:
+                    keys = [self._key(channel) for channel in self._wanted]
+                    await conn.send_command("SUBSCRIBE", *keys, check_health=False)
+                if failures:
+                    logger.warning("Redis pub/sub connection restored after %d failures", failures)
+                delay, failures = _FIRST_RETRY_DELAY, 0
+                self.last_error = ""
+                await self._read(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the reader must outlive any error
+                failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log = logger.warning if failures == 1 or failures % 20 == 0 else logger.debug
+                log(
+                    "Redis pub/sub connection failed (attempt %d, retrying in %.2f s): %s",
+                    failures,
+                    delay,
+                    self.last_error,
+                )
+            finally:
+                self._conn = None
+                for confirmed in self._wanted.values():
+                    confirmed.clear()
+                await conn.disconnect(nowait=True)
+            self.reconnects += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self._retry_max_delay)
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        while True:
+            reply = await conn.read_response(timeout=self._ping_interval)
+            if reply is None:
+                silent = loop.time() - last_heard
+                if silent >= self._ping_interval + self._ping_timeout:
+                    raise TimeoutError(f"no reply from Redis for {silent:.1f} s")
+                await conn.send_command("PING", check_health=False)
+                continue
+            last_heard = loop.time()
+            if isinstance(reply, list) and len(reply) == 3:
+                self._handle(reply[0], reply[1], reply[2])
+
+    def _handle(self, kind: bytes, key: bytes, data: Any) -> None:
+        if kind == b"message":
+            channel = self._names.get(key)
+            if channel is None:
+                return  # unsubscribed meanwhile
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                # Not one of our frames (someone else published on our prefix); skipping it
+                # must not end the reader (broadcaster issue #144's other trigger).
+                self.dropped_payloads += 1
+                logger.warning("dropped a non-UTF-8 payload on channel %r", channel)
+                return
+            self._queue.put_nowait(Event(channel, text))
+        elif kind == b"subscribe":
+            # Count acks per channel even if it is no longer wanted: an ack from before an
+            # unsubscribe must not confirm a later subscribe that Redis has not yet seen.
+            channel = key.decode(errors="replace").removeprefix(self._prefix)
+            left = self._pending.get(channel, 1) - 1
+            if left > 0:
+                self._pending[channel] = left
+                return
+            self._pending.pop(channel, None)
+            confirmed = self._wanted.get(channel)
+            if confirmed is not None:
+                confirmed.set()

@@ -1,0 +1,134 @@
+"""One WebSocket connection: a reader and a writer task, and a bounded outbox between.
+
+Both tasks run for the connection's whole life. The reader is what keeps uvicorn's
+websockets-sansio implementation reading the socket (it stops after each message
+until the app calls `receive()`), so pings get answered and a vanished client is
+noticed at once (PITFALLS.md). The writer drains the outbox; `deliver` only appends
+to it and never waits, and a full outbox closes the connection with 1013.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from service.metrics import Metrics
+from service.protocol.codes import CloseCode
+
+logger = logging.getLogger(__name__)
+
+# How long the close frame may wait for a slow client's buffers to drain. Past it the
+# handler returns and uvicorn closes the transport.
+_CLOSE_TIMEOUT = 5.0
+
+
+class Connection:
+    """Transport half of a session: outbox, writer, reader loop and closing."""
+
+    def __init__(
+        self, websocket: WebSocket, *, max_messages: int, max_chars: int, metrics: Metrics
+    ) -> None:
+        self._ws = websocket
+        self._max_messages = max_messages
+        self._max_chars = max_chars
+        self._metrics = metrics
+        self._outbox: deque[str] = deque()
+        self._outbox_chars = 0
+        self._wakeup = asyncio.Event()
+        self._closing: tuple[CloseCode, str] | None = None
+        self._client_gone = False
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection is being closed (or the client left)."""
+        return self._closing is not None or self._client_gone
+
+    def deliver(self, frame: str) -> None:
+        """Queue `frame` without waiting; a full outbox closes the connection with 1013."""
+        if self._closing is not None:
+            return
+        size = len(frame)
+        if len(self._outbox) >= self._max_messages or self._outbox_chars + size > self._max_chars:
+            self._metrics.slow_consumers.inc()
+            self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox full", flush=False)
+            return
+        self._outbox.append(frame)
+        self._outbox_chars += size
+        self._wakeup.set()
+
+    def close(self, code: CloseCode, reason: str, *, flush: bool = True) -> None:
+        """Close with `code` after the queued frames (or at once, dropping them)."""
+        if self._closing is not None:
+            return
+        self._closing = (code, reason)
+        if not flush:
+            self._outbox.clear()
+            self._outbox_chars = 0
+            if self._writer is not None:
+                # It may be parked on a paused transport; nobody waits for this client.
+                self._writer.cancel()
+        self._wakeup.set()
+        self.release()
+
+    def release(self) -> None:
+        """Let go of everything shared (channel memberships); called once closing starts."""
+
+    async def handle_text(self, text: str) -> None:
+        """Handle one text frame from the client."""
+
+    async def handle_bytes(self, data: bytes) -> None:
+        """Handle one binary frame from the client."""
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves or it is closed."""
+        self._metrics.connections.inc()
+        reader = asyncio.create_task(self._read_loop())
+        self._writer = writer = asyncio.create_task(self._write_loop())
+        try:
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            writer.cancel()
+            for result in await asyncio.gather(reader, writer, return_exceptions=True):
+                if isinstance(result, Exception):
+                    logger.error("connection task failed", exc_info=result)
+                    self._closing = self._closing or (CloseCode.INTERNAL_ERROR, "internal error")
+            self._metrics.connections.dec()
+            self.release()
+        if self._closing is not None and not self._client_gone:
+            code, reason = self._closing
+            # If the client is gone or not reading, give up: uvicorn drops the transport.
+            with contextlib.suppress(TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
+                await asyncio.wait_for(self._ws.close(code, reason), _CLOSE_TIMEOUT)
+
+    async def _read_loop(self) -> None:
+        while True:
+            message = await self._ws.receive()
+            if message["type"] == "websocket.disconnect":
+                self._client_gone = True
+                return
+            text = message.get("text")
+            if text is not None:
+                await self.handle_text(text)
+            else:
+                await self.handle_bytes(message.get("bytes") or b"")
+
+    async def _write_loop(self) -> None:
+        outbox = self._outbox
+        try:
+            while True:
+                while outbox:
+                    frame = outbox.popleft()
+                    self._outbox_chars -= len(frame)
+                    await self._ws.send_text(frame)
+                if self._closing is not None:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            self._client_gone = True

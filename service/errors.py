@@ -1,0 +1,37 @@
+"""The service's exceptions, each knowing what the client is told.
+
+ServiceError
+ ├── ProtocolError        -> `error` frame with its code (HTTP 400/413); connection carries on
+ └── BrokerUnavailable    -> `error` frame `unavailable` / HTTP 503; retry later
+"""
+
+from __future__ import annotations
+
+from service.protocol.codes import ErrorCode
+
+Ref = str | int
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, ref: Ref | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ref = ref
+
+
+class ProtocolError(ServiceError):
+    """A client sent something the protocol does not accept."""
+
+    def __init__(self, code: ErrorCode, message: str, *, ref: Ref | None = None) -> None:
+        super().__init__(message, ref=ref)
+        self.code = code
+
+
+class BrokerUnavailable(ServiceError):
+    """Redis could not be reached or did not answer in time."""
+
+    code = ErrorCode.UNAVAILABLE

@@ -1,0 +1,86 @@
+"""Prometheus metrics of one worker, in a registry of its own (one per app).
+
+Labels are bounded: never a channel name or a client id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from service.broker import Broker
+    from service.hub import Hub
+
+
+class Metrics:
+    """The worker's counters and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.connections = Gauge(
+            "broadcast_connections",
+            "Open WebSocket connections on this worker.",
+            registry=self.registry,
+        )
+        self.published = Counter(
+            "broadcast_messages_published",
+            "Messages published through this worker.",
+            ["via"],
+            registry=self.registry,
+        )
+        self.deliveries = Counter(
+            "broadcast_deliveries",
+            "Frames handed to local connections by the fan-out.",
+            registry=self.registry,
+        )
+        self.slow_consumers = Counter(
+            "broadcast_slow_consumer_closes",
+            "Connections closed with 1013 because their outbox was full.",
+            registry=self.registry,
+        )
+        self.protocol_errors = Counter(
+            "broadcast_protocol_errors",
+            "Error frames sent, by code.",
+            ["code"],
+            registry=self.registry,
+        )
+
+    def watch(self, hub: Hub, broker: Broker) -> None:
+        """Also export state read from the hub and the broker at scrape time."""
+        self.registry.register(_StateCollector(hub, broker))
+
+
+class _StateCollector(Collector):
+    def __init__(self, hub: Hub, broker: Broker) -> None:
+        self._hub = hub
+        self._broker = broker
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "broadcast_channels",
+            "Channels this worker is subscribed to.",
+            value=self._hub.channel_count,
+        )
+        redis = self._broker.redis
+        if redis is None:
+            return
+        yield GaugeMetricFamily(
+            "broadcast_redis_subscriptions_alive",
+            "1 when the pub/sub connection is up and every subscription is confirmed.",
+            value=1 if redis.subscriptions_alive() else 0,
+        )
+        yield CounterMetricFamily(
+            "broadcast_redis_reconnects",
+            "Times the pub/sub connection was rebuilt.",
+            value=redis.reconnects,
+        )
+        yield CounterMetricFamily(
+            "broadcast_redis_dropped_payloads",
+            "Non-UTF-8 payloads skipped by the reader.",
+            value=redis.dropped_payloads,
+        )

@@ -1,0 +1,137 @@
+"""Client commands of protocol v1 as typed values, and the parser that builds them.
+
+The parser reports every problem as a `ProtocolError` whose code names it, and echoes
+the command's `ref` whenever the frame got far enough to have a usable one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from service.channels import validate_channel
+from service.errors import ProtocolError, Ref
+from service.protocol.codes import ErrorCode
+
+MAX_REF_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The size limits a command is checked against."""
+
+    max_channel_length: int
+    max_data_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Subscribe to `channel`; `info` (JSON bytes) announces the client with join/leave."""
+
+    channel: str
+    since: str | None = None
+    info: bytes | None = None
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop receiving `channel`."""
+
+    channel: str
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish `data` (already encoded as compact JSON) to `channel`."""
+
+    channel: str
+    data: bytes
+    ref: Ref | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Application-level ping; answered by `pong`."""
+
+    ref: Ref | None = None
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping
+
+
+def encode_json_value(value: object, limits: Limits, what: str, ref: Ref | None) -> bytes:
+    """Encode a client-supplied JSON value compactly, enforcing the data size limit."""
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, f"{what} cannot be encoded as JSON: {exc}", ref=ref
+        ) from None
+    if len(encoded) > limits.max_data_bytes:
+        raise ProtocolError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"{what} is {len(encoded)} bytes of JSON; the limit is {limits.max_data_bytes}",
+            ref=ref,
+        )
+    return encoded
+
+
+def _parse_ref(frame: dict[str, object]) -> Ref | None:
+    ref = frame.get("ref")
+    if ref is None:
+        return None
+    # bool is an int subclass, but `true` is not a usable reference.
+    if isinstance(ref, bool) or not isinstance(ref, (str, int)):
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "ref must be a string or an integer")
+    if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, f"ref is longer than {MAX_REF_LENGTH} characters"
+        )
+    return ref
+
+
+def parse_command(text: str | bytes, limits: Limits) -> Command:
+    """Parse one text frame into a command, or raise `ProtocolError`."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, 'a frame must be a JSON object with a "type" field'
+        )
+    ref = _parse_ref(frame)
+    kind = frame.get("type")
+    if kind == "publish":
+        channel = validate_channel(frame.get("channel"), limits.max_channel_length, ref=ref)
+        if "data" not in frame:
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME, 'publish needs a "data" field (any JSON value)', ref=ref
+            )
+        return Publish(channel, encode_json_value(frame["data"], limits, "data", ref), ref)
+    if kind == "subscribe":
+        channel = validate_channel(frame.get("channel"), limits.max_channel_length, ref=ref)
+        since = frame.get("since")
+        if since is not None and not isinstance(since, str):
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME, "since must be a message id (a string)", ref=ref
+            )
+        info = None
+        if frame.get("info") is not None:
+            info = encode_json_value(frame["info"], limits, "info", ref)
+        return Subscribe(channel, since, info, ref)
+    if kind == "unsubscribe":
+        channel = validate_channel(frame.get("channel"), limits.max_channel_length, ref=ref)
+        return Unsubscribe(channel, ref)
+    if kind == "ping":
+        return Ping(ref)
+    if kind is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, 'frame has no "type" field', ref=ref)
+    raise ProtocolError(
+        ErrorCode.UNKNOWN_TYPE,
+        f"unknown type {kind!r}; expected subscribe, unsubscribe, publish or ping",
+        ref=ref,
+    )

@@ -1,0 +1,78 @@
+"""Server frames of protocol v1, encoded to the text sent on the wire.
+
+`message` frames are built by the broker around an id only Redis knows, so this
+module gives their two halves; every other frame is a small JSON object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from service.errors import Ref
+from service.protocol.codes import ErrorCode
+
+PROTOCOL_VERSION = 1
+
+
+def _encode(frame: dict[str, Any], ref: Ref | None) -> str:
+    if ref is not None:
+        frame["ref"] = ref
+    return orjson.dumps(frame).decode()
+
+
+def message_parts(channel: str, data: bytes) -> tuple[bytes, bytes]:
+    """The text before and after the message id of a `message` frame.
+
+    The id is assigned in Redis; splicing it between these halves means the frame is
+    encoded once, by the publisher, and forwarded byte for byte by every worker.
+    """
+    head = b'{"type":"message","channel":' + orjson.dumps(channel) + b',"id":"'
+    return head, b'","data":' + data + b"}"
+
+
+def presence_event(kind: str, channel: str, info: bytes) -> str:
+    """A `join` or `leave` frame announcing a subscriber that gave `info`."""
+    return (
+        '{"type":"'
+        + kind
+        + '","channel":'
+        + orjson.dumps(channel).decode()
+        + ',"info":'
+        + info.decode()
+        + "}"
+    )
+
+
+def welcome(worker: str) -> str:
+    """First frame on `/ws`: which worker the client reached and the protocol version."""
+    return _encode({"type": "welcome", "worker": worker, "protocol": PROTOCOL_VERSION}, None)
+
+
+def subscribed(channel: str, ref: Ref | None, recovered: bool | None = None) -> str:
+    """Reply to `subscribe`."""
+    frame: dict[str, Any] = {"type": "subscribed", "channel": channel}
+    if recovered is not None:
+        frame["recovered"] = recovered
+    return _encode(frame, ref)
+
+
+def unsubscribed(channel: str, ref: Ref | None) -> str:
+    """Reply to `unsubscribe`."""
+    return _encode({"type": "unsubscribed", "channel": channel}, ref)
+
+
+def published(channel: str, message_id: str, ref: Ref | None) -> str:
+    """Reply to `publish`: the id Redis gave the message."""
+    return _encode({"type": "published", "channel": channel, "id": message_id}, ref)
+
+
+def pong(ref: Ref | None) -> str:
+    """Reply to `ping`."""
+    return _encode({"type": "pong"}, ref)
+
+
+def error(code: ErrorCode, message: str, ref: Ref | None = None) -> str:
+    """An `error` frame."""
+    return _encode({"type": "error", "code": code.value, "message": message}, ref)

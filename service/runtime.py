@@ -1,0 +1,23 @@
+"""What the routes need of a running worker, built by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.broker import Broker
+from service.hub import Hub
+from service.metrics import Metrics
+from service.protocol.commands import Limits
+from service.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The worker's settings and long-lived parts."""
+
+    settings: Settings
+    broker: Broker
+    hub: Hub
+    metrics: Metrics
+    worker_id: str
+    limits: Limits
