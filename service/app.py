@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker_id = settings.resolved_worker_id()
-        async with Broker(settings) as broker:
+        async with Broker(settings, worker_id) as broker:
             hub = Hub(broker, linger=settings.channel_linger, on_fanout=metrics.deliveries.inc)
             metrics.watch(hub, broker)
             app.state.runtime = Runtime(

@@ -42,7 +42,7 @@ class Readiness:
 class Broker:
     """The worker's connection to the pub/sub backend."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker_id: str) -> None:
         self._redis: RedisBackend | None = None
         if settings.backend_scheme == "memory":
             self._broadcast = Broadcast(backend=MemoryBackend(settings.broadcast_url))
@@ -50,6 +50,7 @@ class Broker:
             self._redis = RedisBackend(
                 settings.broadcast_url,
                 prefix=settings.redis_prefix,
+                client_name=f"{settings.redis_prefix}{worker_id}",
                 timeout=settings.broker_timeout,
                 ping_interval=settings.redis_ping_interval,
                 ping_timeout=settings.redis_ping_timeout,

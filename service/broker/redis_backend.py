@@ -28,11 +28,11 @@ from typing import Any
 from broadcaster import BroadcastBackend, Event
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.retry import Retry
 
 from service.errors import BrokerUnavailable
 
@@ -59,6 +59,7 @@ class RedisBackend(BroadcastBackend):
         url: str,
         *,
         prefix: str,
+        client_name: str,
         timeout: float,
         ping_interval: float,
         ping_timeout: float,
@@ -70,11 +71,15 @@ class RedisBackend(BroadcastBackend):
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._retry_max_delay = retry_max_delay
-        # Redis.from_url builds a client with no retries (PITFALLS.md). Retry only on
+        # Redis.from_url builds a client with no retries (PITFALLS.md). The Retry must be
+        # redis.asyncio.retry.Retry: the sync class accepts async commands but never retries
+        # them (test_publish_rides_out_a_dropped_command_connection). Retry only on
         # connection errors: a timed-out script may still run later, and running it twice
         # would publish the message twice.
         self._client: Redis = Redis.from_url(
             url,
+            # Named so that operators (and tests) can tell our connections apart in CLIENT LIST.
+            client_name=client_name,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(

@@ -1,0 +1,55 @@
+"""Fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import RedisServer, Worker, unique
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests isolate themselves with their own prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for one test only, which it may kill, freeze or restart."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A Redis prefix no other test uses."""
+    return unique("t") + ":"
+
+
+WorkerFactory = Callable[..., Worker]
+
+
+@pytest.fixture
+def make_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start `python -m service` processes; all are stopped (by PID) after the test."""
+    workers: list[Worker] = []
+
+    def make(*args: str, env: dict[str, str] | None = None, start: bool = True) -> Worker:
+        worker = Worker(tmp_path / "workers", list(args), env)
+        workers.append(worker)
+        if start:
+            worker.start()
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.stop()
+

@@ -1,0 +1,290 @@
+"""Test helpers: real redis-server and worker processes, a WebSocket client, polling waits.
+
+Every wait polls a condition against a deadline in units of `UNIT` seconds (raise
+TEST_TIME_UNIT on a slow machine); nothing sleeps for a fixed time to "let things
+settle". Processes are started here and stopped by their own PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+UNIT = float(os.environ.get("TEST_TIME_UNIT", "1.0"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def unique(prefix: str = "t") -> str:
+    """A fresh name, so tests never share channels or Redis prefixes."""
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` units."""
+    deadline = time.monotonic() + timeout * UNIT
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except Exception as exc:  # a condition may fail until the thing is up
+            last_error = exc
+        else:
+            if result:
+                return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what or condition}: last error {last_error!r}")
+
+
+async def async_wait_for(
+    condition: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = ""
+) -> Any:
+    """`wait_for` for coroutine conditions."""
+    deadline = time.monotonic() + timeout * UNIT
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = await condition()
+        except Exception as exc:
+            last_error = exc
+        else:
+            if result:
+                return result
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}: last error {last_error!r}")
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free loopback port (never the shared one)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (.ci/run installs it)")
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--logfile", str(self.workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: self.client().ping(), what=f"redis-server on port {self.port}")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2 * UNIT)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def pubsub_clients(self, name: str) -> list[dict[str, Any]]:
+        """Redis's CLIENT LIST entries of subscription connections named `name`."""
+        return [
+            c for c in self.client().client_list()
+            if c.get("name") == name and "P" in c.get("flags", "")
+        ]
+
+    def clients_named(self, name: str) -> list[dict[str, Any]]:
+        """Every connection (commands and pub/sub) a worker opened under `name`."""
+        return [c for c in self.client().client_list() if c.get("name") == name]
+
+
+class Worker:
+    """One `python -m service` process (a real uvicorn worker) on a free port."""
+
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.args = args
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"worker-{self.port}.log"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, *, wait_ready: bool = True) -> Worker:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "BROADCAST_SERVICE_SETTINGS_JSON"}
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:
+            # Started from an empty directory so that no developer's .env leaks in.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service", "--port", str(self.port), *self.args],
+                cwd=self.workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def status(self, path: str) -> int:
+        return httpx.get(self.http + path, timeout=5 * UNIT).status_code
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.log()}")
+            return self.status("/readyz") == 200
+
+        try:
+            wait_for(ready, timeout, what=f"worker on port {self.port} to be ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- worker log ---\n{self.log()}") from None
+
+    def metric(self, name: str) -> float:
+        """One sample of this worker's /metrics (0 when absent)."""
+        text = httpx.get(self.http + "/metrics", timeout=5 * UNIT).text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def publish(self, channel: str, data: Any) -> str:
+        response = httpx.post(
+            f"{self.http}/api/channels/{channel}/messages", json={"data": data}, timeout=5 * UNIT
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["id"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15 * UNIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class Client:
+    """A real WebSocket client speaking protocol v1."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> Client:
+        kwargs.setdefault("open_timeout", 10 * UNIT)
+        kwargs.setdefault("compression", None)
+        return cls(await websockets.connect(url, **kwargs))
+
+    async def send(self, frame: Any) -> None:
+        if isinstance(frame, (str, bytes)):
+            await self.connection.send(frame)
+        else:
+            await self.connection.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.connection.recv(), timeout * UNIT)
+        frame = json.loads(raw)
+        assert isinstance(frame, dict), raw
+        return frame
+
+    async def recv_type(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame, which must be of type `kind`."""
+        frame = await self.recv(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def welcome(self) -> dict[str, Any]:
+        return await self.recv_type("welcome")
+
+    async def subscribe(self, channel: str, **extra: Any) -> dict[str, Any]:
+        await self.send({"type": "subscribe", "channel": channel, **extra})
+        return await self.recv_type("subscribed")
+
+    async def publish(self, channel: str, data: Any, ref: Any = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "publish", "channel": channel, "data": data}
+        if ref is not None:
+            frame["ref"] = ref
+        await self.send(frame)
+        return await self.recv_type("published")
+
+    async def alive(self) -> None:
+        """Assert the connection still answers commands."""
+        await self.send({"type": "ping", "ref": "alive?"})
+        assert await self.recv() == {"type": "pong", "ref": "alive?"}
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.connection.close(), 5 * UNIT)
+
+
+def redis_args(server: RedisServer, prefix: str, *extra: str) -> list[str]:
+    """Worker flags for a Redis backend with a private prefix."""
+    return ["--broadcast-url", server.url, "--redis-prefix", prefix, *extra]
+
+
+@contextlib.contextmanager
+def started(*workers: Worker) -> Iterator[tuple[Worker, ...]]:
+    """Start workers (ready) and always stop them."""
+    try:
+        for worker in workers:
+            worker.start(wait_ready=False)
+        for worker in workers:
+            worker.wait_ready()
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()

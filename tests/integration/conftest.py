@@ -1,0 +1,22 @@
+"""One worker process against the session's redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import RedisServer, Worker, redis_args, unique
+
+
+@pytest.fixture(scope="module")
+def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """A worker shared by a module's tests (each test uses channels of its own)."""
+    worker = Worker(
+        tmp_path_factory.mktemp("worker"),
+        redis_args(redis_server, unique("m") + ":", "--max-data-bytes", "1000",
+                   "--max-frame-bytes", "4000", "--channel-linger", "0.2"),
+    )
+    worker.start()
+    yield worker
+    worker.stop()

@@ -1,0 +1,266 @@
+"""Protocol v1 on `/ws` against one real worker and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.helpers import Client, Worker, unique
+
+
+async def connect(worker: Worker) -> Client:
+    client = await Client.connect(worker.ws + "/ws")
+    welcome = await client.welcome()
+    assert welcome["protocol"] == 1
+    assert welcome["worker"]
+    return client
+
+
+async def test_subscribe_publish_receive(worker: Worker) -> None:
+    channel = unique("news")
+    alice, bob = await connect(worker), await connect(worker)
+    assert await alice.subscribe(channel, ref=1) == {"type": "subscribed", "channel": channel, "ref": 1}
+    await bob.subscribe(channel)
+    published = await bob.publish(channel, {"text": "hi"}, ref="p1")
+    assert published["ref"] == "p1"
+    assert published["channel"] == channel
+    expected = {"type": "message", "channel": channel, "id": published["id"], "data": {"text": "hi"}}
+    assert await alice.recv() == expected
+    assert await bob.recv() == expected
+    await alice.close()
+    await bob.close()
+
+
+async def test_ids_increase_per_channel(worker: Worker) -> None:
+    channel = unique("ids")
+    client = await connect(worker)
+    ids = [int((await client.publish(channel, n))["id"]) for n in range(5)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 5
+    await client.close()
+
+
+async def test_unsubscribe_stops_delivery(worker: Worker) -> None:
+    channel, other = unique("u"), unique("u")
+    client = await connect(worker)
+    await client.subscribe(channel)
+    await client.subscribe(other)
+    await client.send({"type": "unsubscribe", "channel": channel, "ref": 5})
+    assert await client.recv() == {"type": "unsubscribed", "channel": channel, "ref": 5}
+    worker.publish(channel, "not for you")
+    worker.publish(other, "for you")
+    frame = await client.recv()
+    assert frame["channel"] == other
+    assert frame["data"] == "for you"
+    await client.close()
+
+
+async def test_ping_is_answered_with_its_ref(worker: Worker) -> None:
+    client = await connect(worker)
+    await client.send({"type": "ping", "ref": 42})
+    assert await client.recv() == {"type": "pong", "ref": 42}
+    await client.close()
+
+
+BAD_INPUTS: list[tuple[Any, str, Any]] = [
+    ("{not json", "invalid_json", None),
+    ("[1, 2, 3]", "invalid_frame", None),
+    ('"just a string"', "invalid_frame", None),
+    ({"type": "dance", "ref": 1}, "unknown_type", 1),
+    ({"channel": "x", "ref": 2}, "unknown_type", 2),
+    ({"type": "subscribe", "ref": 3}, "invalid_channel", 3),
+    ({"type": "subscribe", "channel": "white space", "ref": 4}, "invalid_channel", 4),
+    ({"type": "subscribe", "channel": "x" * 200, "ref": 5}, "invalid_channel", 5),
+    ({"type": "publish", "channel": "c", "ref": "no-data"}, "invalid_frame", "no-data"),
+    ({"type": "publish", "channel": "c", "data": "x" * 1200, "ref": 7}, "message_too_large", 7),
+    ({"type": "unsubscribe", "channel": "never", "ref": 8}, "not_subscribed", 8),
+]
+
+
+@pytest.mark.parametrize(("frame", "code", "ref"), BAD_INPUTS)
+async def test_bad_input_gets_an_error_frame_and_everyone_carries_on(
+    worker: Worker, frame: Any, code: str, ref: Any
+) -> None:
+    channel = unique("calm")
+    offender, bystander = await connect(worker), await connect(worker)
+    await bystander.subscribe(channel)
+    await offender.send(frame)
+    error = await offender.recv()
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert error["message"]
+    assert error.get("ref") == ref
+    await offender.alive()
+    # ...and it still works for real, as does everyone else's connection.
+    published = await offender.publish(channel, "after the error")
+    assert (await bystander.recv())["id"] == published["id"]
+    await offender.close()
+    await bystander.close()
+
+
+async def test_binary_frame_gets_an_error(worker: Worker) -> None:
+    client = await connect(worker)
+    await client.send(b"\x00\x01binary")
+    error = await client.recv()
+    assert error["type"] == "error"
+    assert error["code"] == "binary_not_supported"
+    await client.alive()
+    await client.close()
+
+
+async def test_subscribing_twice_is_an_error(worker: Worker) -> None:
+    channel = unique("twice")
+    client = await connect(worker)
+    await client.subscribe(channel)
+    await client.send({"type": "subscribe", "channel": channel, "ref": "again"})
+    error = await client.recv()
+    assert (error["code"], error["ref"]) == ("already_subscribed", "again")
+    # Still subscribed exactly once: one publish, one message.
+    worker.publish(channel, 1)
+    assert (await client.recv())["data"] == 1
+    await client.alive()
+    await client.close()
+
+
+async def test_since_is_answered_honestly_without_history(worker: Worker) -> None:
+    channel = unique("since")
+    client = await connect(worker)
+    reply = await client.subscribe(channel, since="12")
+    assert reply["recovered"] is False
+    await client.close()
+
+
+async def test_oversized_frame_closes_with_1009_and_others_carry_on(worker: Worker) -> None:
+    channel = unique("big")
+    offender, bystander = await connect(worker), await connect(worker)
+    await bystander.subscribe(channel)
+    await offender.send("x" * 5000)  # over --max-frame-bytes 4000
+    with pytest.raises(ConnectionClosed) as info:
+        await offender.recv()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1009
+    worker.publish(channel, "still here")
+    assert (await bystander.recv())["data"] == "still here"
+    await bystander.close()
+
+
+async def test_join_and_leave_events_with_info(worker: Worker) -> None:
+    channel = unique("room")
+    watcher, visitor = await connect(worker), await connect(worker)
+    await watcher.subscribe(channel)
+    await visitor.subscribe(channel, info={"name": "ann"})
+    assert await watcher.recv() == {"type": "join", "channel": channel, "info": {"name": "ann"}}
+    await visitor.close()
+    assert await watcher.recv() == {"type": "leave", "channel": channel, "info": {"name": "ann"}}
+    await watcher.close()
+
+
+async def test_unsubscribe_announces_leave(worker: Worker) -> None:
+    channel = unique("room")
+    watcher, visitor = await connect(worker), await connect(worker)
+    await watcher.subscribe(channel)
+    await visitor.subscribe(channel, info="bo")
+    assert (await watcher.recv())["type"] == "join"
+    await visitor.send({"type": "unsubscribe", "channel": channel})
+    assert await watcher.recv() == {"type": "leave", "channel": channel, "info": "bo"}
+    await watcher.close()
+    await visitor.close()
+
+
+async def test_many_commands_in_flight_are_answered_in_order(worker: Worker) -> None:
+    channel = unique("burst")
+    client = await connect(worker)
+    await client.subscribe(channel)
+    for n in range(50):
+        await client.send({"type": "publish", "channel": channel, "data": n, "ref": n})
+    acks: list[int] = []
+    messages: list[int] = []
+    while len(acks) < 50 or len(messages) < 50:
+        frame = await client.recv()
+        (acks if frame["type"] == "published" else messages).append(
+            frame["ref"] if frame["type"] == "published" else frame["data"]
+        )
+    assert acks == list(range(50))
+    assert messages == list(range(50))
+    await client.close()
+
+
+async def test_simple_mode_publishes_text_and_receives_messages(worker: Worker) -> None:
+    channel = unique("simple")
+    a = await Client.connect(f"{worker.ws}/ws/{channel}")
+    b = await Client.connect(f"{worker.ws}/ws/{channel}")
+    full = await connect(worker)
+    await full.subscribe(channel)
+    for client in (a, b):
+        await _until_subscribed(worker, channel, client)
+    await a.send("hello from a")
+    for client in (a, b, full):
+        frame = await client.recv()
+        while frame["data"] == "probe":  # probes precede it: one channel, one order
+            frame = await client.recv()
+        assert frame["type"] == "message"
+        assert frame["data"] == "hello from a"
+    await b.send(b"binary")
+    assert (await b.recv())["code"] == "binary_not_supported"
+    for client in (a, b, full):
+        await client.close()
+
+
+async def _until_subscribed(worker: Worker, channel: str, client: Client) -> None:
+    # Simple mode says nothing when it is subscribed: publish probes until one arrives.
+    for _ in range(100):
+        worker.publish(channel, "probe")
+        try:
+            frame = await client.recv(timeout=0.1)
+        except TimeoutError:
+            continue
+        assert frame["data"] == "probe"
+        return
+    raise AssertionError("simple-mode client never received a probe")
+
+
+async def test_simple_mode_refuses_a_bad_channel_with_1008(worker: Worker) -> None:
+    client = await Client.connect(f"{worker.ws}/ws/bad%20name")
+    error = await client.recv()
+    assert error["code"] == "invalid_channel"
+    with pytest.raises(ConnectionClosed) as info:
+        await client.recv()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1008
+
+
+async def test_disconnected_clients_are_released(worker: Worker, redis_server: Any) -> None:
+    channel = unique("gone")
+    before = worker.metric("broadcast_connections")
+    clients = [await connect(worker) for _ in range(5)]
+    for client in clients:
+        await client.subscribe(channel)
+    assert worker.metric("broadcast_connections") == before + 5
+    for client in clients[:3]:
+        client.connection.transport.abort()  # vanish without a close frame
+    for client in clients[3:]:
+        await client.close()
+
+    def released() -> bool:
+        return worker.metric("broadcast_connections") == before
+
+    await asyncio.to_thread(_wait, released)
+    # After the linger, this worker no longer subscribes to the channel in Redis.
+    key = json.loads(json.dumps(_prefix_of(worker) + channel))
+    await asyncio.to_thread(
+        _wait, lambda: redis_server.client().pubsub_numsub(key)[0][1] == 0
+    )
+
+
+def _wait(condition: Any) -> None:
+    from tests.helpers import wait_for
+
+    wait_for(condition, what="release")
+
+
+def _prefix_of(worker: Worker) -> str:
+    return worker.args[worker.args.index("--redis-prefix") + 1]
