@@ -52,4 +52,3 @@ def make_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     yield make
     for worker in workers:
         worker.stop()
-

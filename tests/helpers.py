@@ -96,9 +96,19 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                "--logfile", str(self.workdir / "redis.log"),
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.workdir / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -125,7 +135,8 @@ class RedisServer:
     def pubsub_clients(self, name: str) -> list[dict[str, Any]]:
         """Redis's CLIENT LIST entries of subscription connections named `name`."""
         return [
-            c for c in self.client().client_list()
+            c
+            for c in self.client().client_list()
             if c.get("name") == name and "P" in c.get("flags", "")
         ]
 

@@ -85,7 +85,7 @@ class RedisBackend(BroadcastBackend):
             retry=Retry(
                 ExponentialWithJitterBackoff(base=_FIRST_RETRY_DELAY, cap=0.5),
                 retries=3,
-                supported_errors=(RedisConnectionError, OSError),
+                supported_errors=(RedisConnectionError,),
             ),
         )
         self._publish_script = self._client.register_script(_PUBLISH_SCRIPT)

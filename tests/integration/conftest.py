@@ -14,8 +14,16 @@ def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
     """A worker shared by a module's tests (each test uses channels of its own)."""
     worker = Worker(
         tmp_path_factory.mktemp("worker"),
-        redis_args(redis_server, unique("m") + ":", "--max-data-bytes", "1000",
-                   "--max-frame-bytes", "4000", "--channel-linger", "0.2"),
+        redis_args(
+            redis_server,
+            unique("m") + ":",
+            "--max-data-bytes",
+            "1000",
+            "--max-frame-bytes",
+            "4000",
+            "--channel-linger",
+            "0.2",
+        ),
     )
     worker.start()
     yield worker

@@ -28,7 +28,10 @@ async def test_http_publish_reaches_websocket_subscribers(worker: Worker) -> Non
     body = response.json()
     assert body["channel"] == channel
     assert await client.recv() == {
-        "type": "message", "channel": channel, "id": body["id"], "data": {"n": [1, 2]},
+        "type": "message",
+        "channel": channel,
+        "id": body["id"],
+        "data": {"n": [1, 2]},
     }
     await client.close()
 
@@ -68,9 +71,12 @@ def test_metrics_are_prometheus_text(worker: Worker) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     for name in (
-        "broadcast_connections", "broadcast_messages_published_total",
-        "broadcast_deliveries_total", "broadcast_slow_consumer_closes_total",
-        "broadcast_channels", "broadcast_redis_subscriptions_alive",
+        "broadcast_connections",
+        "broadcast_messages_published_total",
+        "broadcast_deliveries_total",
+        "broadcast_slow_consumer_closes_total",
+        "broadcast_channels",
+        "broadcast_redis_subscriptions_alive",
     ):
         assert f"\n{name}" in response.text or response.text.startswith(name), name
 

@@ -25,6 +25,12 @@ async def subscribed_client(worker: Worker, channel: str, **kwargs: Any) -> Clie
     return client
 
 
+async def drain(client: Client) -> None:
+    """Read until the connection closes (bounded: each read times out)."""
+    while True:
+        await client.recv(timeout=10)
+
+
 def worker_name(worker: Worker, prefix: str) -> str:
     """The CLIENT SETNAME of a worker's Redis connections: prefix + worker id."""
     return prefix + httpx.get(worker.http + "/healthz").json()["worker"]
@@ -165,8 +171,9 @@ async def test_slow_consumer_is_closed_with_1013_and_nobody_waits(
     # Redis disconnects a subscriber that reads too slowly, and broadcaster's queues are
     # unbounded: one client that stops reading must cost neither.
     worker = make_worker(
-        *redis_args(redis_server, prefix, "--outbox-max-messages", "20",
-                    "--outbox-max-bytes", "200000")
+        *redis_args(
+            redis_server, prefix, "--outbox-max-messages", "20", "--outbox-max-bytes", "200000"
+        )
     )
     channel = unique("slow")
     # A small receive buffer makes the client's side fill up quickly.
@@ -191,9 +198,10 @@ async def test_slow_consumer_is_closed_with_1013_and_nobody_waits(
                 f"/api/channels/{channel}/messages", json={"data": {"n": sent, "pad": padding}}
             )
             assert response.status_code == 200
-            if sent % 25 == 0 and "broadcast_slow_consumer_closes_total 1.0" in (
-                await http.get("/metrics")
-            ).text:
+            if (
+                sent % 25 == 0
+                and "broadcast_slow_consumer_closes_total 1.0" in (await http.get("/metrics")).text
+            ):
                 break
         else:
             pytest.fail("the slow client was never closed")
@@ -209,8 +217,7 @@ async def test_slow_consumer_is_closed_with_1013_and_nobody_waits(
     assert received == list(range(1, sent + 1))
     # The slow client, reading again, finds what was in flight and then the 1013.
     with pytest.raises(ConnectionClosed) as info:
-        while True:
-            await slow.recv(timeout=10)
+        await drain(slow)
     assert info.value.rcvd is not None
     assert info.value.rcvd.code == 1013
     # The worker's Redis subscription never fell behind or broke meanwhile.

@@ -23,12 +23,18 @@ async def connect(worker: Worker) -> Client:
 async def test_subscribe_publish_receive(worker: Worker) -> None:
     channel = unique("news")
     alice, bob = await connect(worker), await connect(worker)
-    assert await alice.subscribe(channel, ref=1) == {"type": "subscribed", "channel": channel, "ref": 1}
+    reply = await alice.subscribe(channel, ref=1)
+    assert reply == {"type": "subscribed", "channel": channel, "ref": 1}
     await bob.subscribe(channel)
     published = await bob.publish(channel, {"text": "hi"}, ref="p1")
     assert published["ref"] == "p1"
     assert published["channel"] == channel
-    expected = {"type": "message", "channel": channel, "id": published["id"], "data": {"text": "hi"}}
+    expected = {
+        "type": "message",
+        "channel": channel,
+        "id": published["id"],
+        "data": {"text": "hi"},
+    }
     assert await alice.recv() == expected
     assert await bob.recv() == expected
     await alice.close()
@@ -251,9 +257,7 @@ async def test_disconnected_clients_are_released(worker: Worker, redis_server: A
     await asyncio.to_thread(_wait, released)
     # After the linger, this worker no longer subscribes to the channel in Redis.
     key = json.loads(json.dumps(_prefix_of(worker) + channel))
-    await asyncio.to_thread(
-        _wait, lambda: redis_server.client().pubsub_numsub(key)[0][1] == 0
-    )
+    await asyncio.to_thread(_wait, lambda: redis_server.client().pubsub_numsub(key)[0][1] == 0)
 
 
 def _wait(condition: Any) -> None:

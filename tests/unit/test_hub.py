@@ -47,7 +47,7 @@ async def test_every_member_gets_the_same_frame_object(broker: Broker) -> None:
     message_id = await broker.publish("news", b'{"n":1}')
     await async_wait_for(lambda: _all_have(members, 1), what="fan-out")
     first = members[0].frames[0]
-    assert first == '{"type":"message","channel":"news","id":"%s","data":{"n":1}}' % message_id
+    assert first == f'{{"type":"message","channel":"news","id":"{message_id}","data":{{"n":1}}}}'
     # Encoded once per worker: the very same str object goes to every member.
     assert all(member.frames[0] is first for member in members)
     await hub.close()

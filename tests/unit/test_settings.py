@@ -100,7 +100,9 @@ def test_help_lists_every_option() -> None:
 def test_refuses_several_workers_on_memory_before_starting() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "--workers", "2"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "island" in result.stderr
