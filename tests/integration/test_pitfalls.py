@@ -7,6 +7,7 @@ break a worker's Redis connections on purpose.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from typing import Any
 
@@ -224,3 +225,24 @@ async def test_slow_consumer_is_closed_with_1013_and_nobody_waits(
     assert worker.metric("broadcast_redis_reconnects_total") == 0
     assert worker.status("/readyz") == 200
     await healthy.close()
+
+
+async def test_sigterm_closes_clients_with_1012_and_exits(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    # On SIGTERM uvicorn closes every WebSocket with 1012, then waits for the app's
+    # tasks forever unless timeout_graceful_shutdown is set: the worker must exit.
+    worker = make_worker(*redis_args(redis_server, prefix, "--shutdown-timeout", "3"))
+    channel = unique("bye")
+    clients = [await subscribed_client(worker, channel) for _ in range(5)]
+    worker.signal(signal.SIGTERM)
+    for client in clients:
+        with pytest.raises(ConnectionClosed) as info:
+            await drain(client)
+        assert info.value.rcvd is not None
+        assert info.value.rcvd.code == 1012
+    assert worker.process is not None
+    # uvicorn re-raises the captured SIGTERM once it has shut down cleanly.
+    assert await asyncio.to_thread(worker.process.wait, 10 * UNIT) in (0, -signal.SIGTERM)
+    assert "Traceback" not in worker.log()
+    assert "Application shutdown complete" in worker.log()

@@ -107,3 +107,9 @@ def test_refuses_several_workers_on_memory_before_starting() -> None:
     assert result.returncode != 0
     assert "island" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"| `{name.upper()}` |" in readme, f"{name.upper()} missing from README"
