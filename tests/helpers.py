@@ -27,6 +27,8 @@ import redis
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from service.settings import SETTINGS_ENV_VAR, Settings
+
 UNIT = float(os.environ.get("TEST_TIME_UNIT", "1.0"))
 
 
@@ -74,6 +76,12 @@ async def async_wait_for(
                 return result
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}: last error {last_error!r}")
+
+
+def hermetic_environment() -> dict[str, str]:
+    """This process's environment without any of the service's settings in it."""
+    settings = {name.upper() for name in Settings.model_fields} | {SETTINGS_ENV_VAR}
+    return {k: v for k, v in os.environ.items() if k not in settings}
 
 
 class RedisServer:
@@ -166,7 +174,7 @@ class Worker:
 
     def start(self, *, wait_ready: bool = True) -> Worker:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "BROADCAST_SERVICE_SETTINGS_JSON"}
+        env = hermetic_environment()
         env.update(self.env)
         with open(self.log_path, "ab") as log:
             # Started from an empty directory so that no developer's .env leaks in.

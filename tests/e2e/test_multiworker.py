@@ -21,6 +21,7 @@ from tests.helpers import (
     RedisServer,
     Worker,
     free_port,
+    hermetic_environment,
     redis_args,
     unique,
     wait_for,
@@ -144,7 +145,7 @@ async def test_workers_flag_runs_a_shared_multi_process_server(
 ) -> None:
     port = free_port()
     log = tmp_path / "workers2.log"
-    env = {k: v for k, v in os.environ.items() if k != "BROADCAST_SERVICE_SETTINGS_JSON"}
+    env = hermetic_environment()
     with log.open("wb") as out:
         parent = subprocess.Popen(
             [

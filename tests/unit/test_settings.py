@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
+from tests.helpers import hermetic_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,6 +101,7 @@ def test_help_lists_every_option() -> None:
 def test_refuses_several_workers_on_memory_before_starting() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "--workers", "2"],
+        env=hermetic_environment(),
         capture_output=True,
         text=True,
         timeout=60,
