@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from service.settings import SETTINGS_ENV_VAR, Settings
 from tests.helpers import RedisServer, Worker, unique
+
+
+@pytest.fixture(autouse=True)
+def _no_service_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Tests see only the settings they set, whatever the shell exports or a .env holds."""
+    for name in [*(field.upper() for field in Settings.model_fields), SETTINGS_ENV_VAR]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")
