@@ -96,6 +96,10 @@ class RedisBackend(BroadcastBackend):
         self._names: dict[bytes, str] = {}
         # channel name -> SUBSCRIBE commands sent on the current connection, not yet confirmed
         self._pending: dict[str, int] = {}
+        # Channels wanted when the current connection was made and not yet re-confirmed on
+        # it: while any is left, the worker is deaf to them (readiness is false). A channel
+        # subscribed later is not counted: its subscriber waits for it, nobody else does.
+        self._resubscribing: set[str] = set()
         self._conn: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self.reconnects = 0
@@ -126,6 +130,7 @@ class RedisBackend(BroadcastBackend):
         """Stop wanting `channel`."""
         if self._wanted.pop(channel, None) is None:
             return
+        self._resubscribing.discard(channel)
         key = self._key(channel)
         self._names.pop(key, None)
         await self._send("UNSUBSCRIBE", key)
@@ -168,8 +173,8 @@ class RedisBackend(BroadcastBackend):
             ) from None
 
     def subscriptions_alive(self) -> bool:
-        """True when connected and every wanted channel is confirmed by Redis."""
-        return self._conn is not None and all(e.is_set() for e in self._wanted.values())
+        """True when connected and every channel wanted before it connected is re-confirmed."""
+        return self._conn is not None and not self._resubscribing
 
     async def ping(self) -> None:
         """One PING on the command connection; raises BrokerUnavailable."""
@@ -224,6 +229,7 @@ class RedisBackend(BroadcastBackend):
                 # before this point is in the snapshot below (no await in between).
                 self._conn = conn
                 self._pending = dict.fromkeys(self._wanted, 1)
+                self._resubscribing = set(self._wanted)
                 if self._wanted:
                     keys = [self._key(channel) for channel in self._wanted]
                     await conn.send_command("SUBSCRIBE", *keys, check_health=False)
@@ -291,6 +297,7 @@ class RedisBackend(BroadcastBackend):
                 self._pending[channel] = left
                 return
             self._pending.pop(channel, None)
+            self._resubscribing.discard(channel)
             confirmed = self._wanted.get(channel)
             if confirmed is not None:
                 confirmed.set()

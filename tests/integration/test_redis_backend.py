@@ -1,0 +1,78 @@
+"""The Redis backend in-process against a real redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from service.broker.redis_backend import RedisBackend
+from tests.helpers import RedisServer, async_wait_for, unique
+
+
+@pytest.fixture
+async def backend(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisBackend]:
+    backend = RedisBackend(
+        redis_server.url,
+        prefix=prefix,
+        client_name=prefix + "test",
+        timeout=5,
+        ping_interval=1,
+        ping_timeout=3,
+        retry_max_delay=1,
+    )
+    await backend.connect()
+    yield backend
+    await backend.disconnect()
+
+
+async def alive(backend: RedisBackend) -> bool:
+    return backend.subscriptions_alive()
+
+
+async def test_a_new_subscription_does_not_make_the_worker_unready(
+    backend: RedisBackend,
+) -> None:
+    # Readiness is about the worker being deaf after a reconnect, not about one client
+    # waiting for its own SUBSCRIBE: a busy worker must not flap to 503.
+    await backend.subscribe(unique("a"))
+    await async_wait_for(lambda: alive(backend), what="connected and confirmed")
+    channel = unique("b")
+    await backend.subscribe(channel)
+    assert backend.subscriptions_alive()
+    await backend.wait_subscribed(channel)
+
+
+async def test_resubscribe_after_reconnect_confirms_each_channel_once(
+    backend: RedisBackend, redis_server: RedisServer, prefix: str
+) -> None:
+    channels = [unique("c") for _ in range(3)]
+    for channel in channels:
+        await backend.subscribe(channel)
+    for channel in channels:
+        await backend.wait_subscribed(channel)
+    [pubsub] = redis_server.pubsub_clients(prefix + "test")
+    redis_server.client().client_kill_filter(_id=pubsub["id"])
+    await async_wait_for(lambda: _reconnected(backend), what="a reconnect")
+    await async_wait_for(lambda: alive(backend), what="every channel re-confirmed")
+    assert redis_server.client().pubsub_numsub(*(prefix + c for c in channels)) == [
+        ((prefix + c).encode(), 1) for c in channels
+    ]
+
+
+async def _reconnected(backend: RedisBackend) -> bool:
+    return backend.reconnects >= 1
+
+
+async def test_an_old_ack_does_not_confirm_a_newer_subscribe(backend: RedisBackend) -> None:
+    # subscribe, unsubscribe, subscribe in a row: the first ack must not count for the
+    # second SUBSCRIBE (the subscriber would think itself live while Redis is not).
+    channel = unique("again")
+    await backend.subscribe(channel)
+    await backend.wait_subscribed(channel)
+    await backend.unsubscribe(channel)
+    await backend.subscribe(channel)
+    await backend.unsubscribe(channel)
+    await backend.subscribe(channel)
+    await backend.wait_subscribed(channel)
+    assert backend._pending == {}
