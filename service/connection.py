@@ -92,9 +92,7 @@ class Connection:
         try:
             await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            reader.cancel()
-            writer.cancel()
-            for result in await asyncio.gather(reader, writer, return_exceptions=True):
+            for result in await _cancel(reader, writer):
                 if isinstance(result, Exception):
                     logger.error("connection task failed", exc_info=result)
                     self._closing = self._closing or (CloseCode.INTERNAL_ERROR, "internal error")
@@ -104,7 +102,8 @@ class Connection:
             code, reason = self._closing
             # If the client is gone or not reading, give up: uvicorn drops the transport.
             with contextlib.suppress(TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
-                await asyncio.wait_for(self._ws.close(code, reason), _CLOSE_TIMEOUT)
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await self._ws.close(code, reason)
 
     async def _read_loop(self) -> None:
         while True:
@@ -132,3 +131,16 @@ class Connection:
                 await self._wakeup.wait()
         except (WebSocketDisconnect, WebSocketDisconnected):
             self._client_gone = True
+
+
+async def _cancel(*tasks: asyncio.Task[None]) -> list[BaseException | None]:
+    """Cancel `tasks` and return their outcomes.
+
+    Cancels again until each is done: on Python 3.11 an `asyncio.wait_for` inside a task
+    (redis-py uses them) can swallow a cancellation that lands as its inner call finishes.
+    """
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=1.0)
+    return [None if t.cancelled() else t.exception() for t in tasks]

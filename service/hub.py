@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from typing import Protocol
 
 from service.broker import Broker, Subscription, Unsubscribed
+from service.errors import BrokerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,13 @@ class Member(Protocol):
 
 
 class _Channel:
-    __slots__ = ("drop_task", "lock", "members", "name", "pump", "stack")
+    __slots__ = ("drop_task", "failure", "lock", "members", "name", "pump", "stack")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Set when opening the subscription failed: everyone who queued up behind that
+        # attempt fails with it at once instead of each waiting a full timeout in turn.
+        self.failure: str | None = None
         self.members: set[Member] = set()
         self.lock = asyncio.Lock()
         self.stack: AsyncExitStack | None = None
@@ -66,19 +70,29 @@ class Hub:
     async def join(self, name: str, member: Member) -> None:
         """Add `member` to channel `name`, subscribing the worker first if needed.
 
-        Raises `BrokerUnavailable` when the subscription cannot be made; the member is
-        then not added.
+        Returns once the worker's subscription is confirmed by Redis, so that a member is
+        never told it is subscribed while the worker is deaf to the channel. Raises
+        `BrokerUnavailable` when that does not happen in time; the member is then not added.
         """
         while True:
             channel = self._channels.get(name)
             if channel is None:
                 channel = self._channels[name] = _Channel(name)
+            elif channel.pump is not None:
+                # Already subscribed: instant, unless Redis is being reconnected to.
+                await self._broker.wait_live(name)
             async with channel.lock:
+                if channel.failure is not None:
+                    raise BrokerUnavailable(channel.failure)
                 if self._channels.get(name) is not channel:
                     continue  # dropped while we waited for the lock: use its successor
                 if channel.pump is None:
                     try:
                         await self._open(channel)
+                    except BrokerUnavailable as exc:
+                        channel.failure = exc.message
+                        self._forget(channel)
+                        raise
                     except BaseException:
                         if not channel.members:
                             self._forget(channel)
@@ -103,8 +117,10 @@ class Hub:
         for channel in list(self._channels.values()):
             if channel.drop_task is not None:
                 channel.drop_task.cancel()
-            self._forget(channel)
-            await self._close(channel)
+            # Under the lock, so that a join in the middle of opening it finishes first.
+            async with channel.lock:
+                self._forget(channel)
+                await self._close(channel)
 
     async def _open(self, channel: _Channel) -> None:
         stack = AsyncExitStack()

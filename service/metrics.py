@@ -80,6 +80,11 @@ class _StateCollector(Collector):
             value=redis.reconnects,
         )
         yield CounterMetricFamily(
+            "broadcast_gaps",
+            "Channels whose subscribers were told messages may be missing (after a reconnect).",
+            value=redis.gaps_reported,
+        )
+        yield CounterMetricFamily(
             "broadcast_redis_dropped_payloads",
             "Non-UTF-8 payloads skipped by the reader.",
             value=redis.dropped_payloads,

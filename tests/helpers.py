@@ -91,6 +91,7 @@ class RedisServer:
         self.port = free_port()
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
+        self._client: redis.Redis | None = None
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it)")
@@ -124,7 +125,10 @@ class RedisServer:
         wait_for(lambda: self.client().ping(), what=f"redis-server on port {self.port}")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2 * UNIT)
+        """The test's own (sync) client of this server, reconnecting as needed."""
+        if self._client is None:
+            self._client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2 * UNIT)
+        return self._client
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -132,6 +136,9 @@ class RedisServer:
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -307,3 +314,68 @@ def started(*workers: Worker) -> Iterator[tuple[Worker, ...]]:
     finally:
         for worker in workers:
             worker.stop()
+
+
+class ReplyEatingProxy:
+    """A loopback TCP proxy to Redis that can lose the reply to one request.
+
+    Armed with a marker, it forwards the next request containing it, then forwards no
+    more replies on that connection until `cut()` aborts it: the client sees the
+    connection break after Redis has run the command.
+    """
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._marker: bytes | None = None
+        self._swallowing: list[asyncio.StreamWriter] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> ReplyEatingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def arm(self, marker: bytes) -> None:
+        self._marker = marker
+
+    def cut(self) -> None:
+        for writer in self._swallowing:
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self._writers.extend([client_w, redis_w])
+        swallow = False
+
+        async def upstream() -> None:
+            nonlocal swallow
+            while data := await client_r.read(65536):
+                if self._marker is not None and self._marker in data:
+                    self._marker = None
+                    swallow = True
+                    self._swallowing.extend([client_w, redis_w])
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(65536):
+                if not swallow:
+                    client_w.write(data)
+                    await client_w.drain()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+        for writer in (client_w, redis_w):
+            writer.transport.abort()

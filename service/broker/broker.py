@@ -94,6 +94,14 @@ class Broker:
                 await self._redis.wait_subscribed(channel)
             yield subscriber
 
+    async def wait_live(self, channel: str) -> None:
+        """Wait until this worker's subscription to `channel` is confirmed (normally at once).
+
+        Raises `BrokerUnavailable` if Redis does not confirm it in time (an outage).
+        """
+        if self._redis is not None:
+            await self._redis.wait_subscribed(channel)
+
     async def readiness(self) -> Readiness:
         """Ready when Redis answers and every subscription of this worker is confirmed."""
         if self._redis is None:
@@ -102,7 +110,8 @@ class Broker:
         if not self._redis.subscriptions_alive():
             return Readiness(False, f"pub/sub connection down: {self._redis.last_error}")
         try:
-            await asyncio.wait_for(self._redis.ping(), _READINESS_PING_TIMEOUT)
+            async with asyncio.timeout(_READINESS_PING_TIMEOUT):
+                await self._redis.ping()
         except TimeoutError:
             return Readiness(False, "Redis did not answer PING in time")
         except BrokerUnavailable as exc:

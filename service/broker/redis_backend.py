@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from typing import Any
 
@@ -35,19 +36,30 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.errors import BrokerUnavailable
+from service.protocol.frames import gap
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1]: the channel's id counter. ARGV: frame head, frame tail, counter TTL, pub/sub channel.
-# The counter outlives the channel's last message by the TTL so that ids keep increasing
+# KEYS[1]: the channel's id counter; KEYS[2]: this publish's token.
+# ARGV: frame head, frame tail, counter TTL, pub/sub channel, token TTL.
+# The token makes a retried call (the connection broke after Redis ran the script but
+# before its reply arrived) return the first call's id instead of publishing twice.
+# The counter outlives the channel's last message by its TTL so that ids keep increasing
 # while anyone may still hold one; an abandoned channel costs Redis nothing after that.
 _PUBLISH_SCRIPT = """
+local done = redis.call('GET', KEYS[2])
+if done then return tonumber(done) end
 local id = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], id, 'EX', ARGV[5])
 redis.call('PUBLISH', ARGV[4], ARGV[1] .. id .. ARGV[2])
 return id
 """
 _COUNTER_TTL_SECONDS = 7 * 24 * 3600
+# Longer than every retry of one call can take (connection errors only, backoff <= 0.5 s).
+_PUBLISH_TOKEN_TTL_SECONDS = 10
+# Log the first non-UTF-8 payload, then one in this many.
+_DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
 
 
@@ -100,10 +112,14 @@ class RedisBackend(BroadcastBackend):
         # it: while any is left, the worker is deaf to them (readiness is false). A channel
         # subscribed later is not counted: its subscriber waits for it, nobody else does.
         self._resubscribing: set[str] = set()
+        # Channels that were live when the connection broke: their subscribers get a `gap`
+        # frame once the channel is confirmed again, in stream order.
+        self._gaps: set[str] = set()
         self._conn: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self.reconnects = 0
         self.dropped_payloads = 0
+        self.gaps_reported = 0
         self.last_error = "not connected yet"
 
     # -- broadcaster's interface ------------------------------------------------------
@@ -131,6 +147,7 @@ class RedisBackend(BroadcastBackend):
         if self._wanted.pop(channel, None) is None:
             return
         self._resubscribing.discard(channel)
+        self._gaps.discard(channel)
         key = self._key(channel)
         self._names.pop(key, None)
         await self._send("UNSUBSCRIBE", key)
@@ -151,21 +168,31 @@ class RedisBackend(BroadcastBackend):
     async def publish_message(self, channel: str, head: bytes, tail: bytes) -> str:
         """Give the message the channel's next id and publish `head + id + tail`; return the id."""
         counter = self._prefix.encode() + b"seq:" + channel.encode()
+        token = self._prefix.encode() + b"pub:" + os.urandom(12).hex().encode()
         try:
             message_id = await self._publish_script(
-                keys=[counter], args=[head, tail, _COUNTER_TTL_SECONDS, self._key(channel)]
+                keys=[counter, token],
+                args=[
+                    head,
+                    tail,
+                    _COUNTER_TTL_SECONDS,
+                    self._key(channel),
+                    _PUBLISH_TOKEN_TTL_SECONDS,
+                ],
             )
         except RedisError as exc:
             raise BrokerUnavailable(f"Redis did not accept the message: {exc}") from exc
         return str(message_id)
 
     async def wait_subscribed(self, channel: str) -> None:
-        """Return once Redis confirmed the subscription to `channel`."""
+        """Return once Redis confirmed the subscription to `channel` (at once if not wanted)."""
         confirmed = self._wanted.get(channel)
-        if confirmed is None:
-            raise BrokerUnavailable(f"channel {channel!r} is not wanted")
+        if confirmed is None or confirmed.is_set():
+            return
         try:
-            await asyncio.wait_for(confirmed.wait(), self._timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(self._timeout):
+                await confirmed.wait()
         except TimeoutError:
             raise BrokerUnavailable(
                 f"Redis did not confirm the subscription within {self._timeout:g} s "
@@ -198,9 +225,11 @@ class RedisBackend(BroadcastBackend):
             self._pending[channel] = self._pending.get(channel, 0) + 1
         try:
             await conn.send_command(*args, check_health=False)
-        except (RedisError, OSError) as exc:
-            # The reader sees the same broken connection, reconnects and re-subscribes.
-            logger.debug("pub/sub command %s not sent: %s", args[0], exc)
+        except Exception as exc:
+            # Whatever broke (redis-py can even raise AttributeError when the reader tears
+            # the connection down mid-write), the reader reconnects and re-subscribes all
+            # wanted channels; raising here would corrupt broadcaster's bookkeeping.
+            logger.debug("pub/sub command %s not sent: %r", args[0], exc)
 
     def _new_connection(self) -> AbstractConnection:
         pool = self._client.connection_pool
@@ -252,7 +281,9 @@ class RedisBackend(BroadcastBackend):
                 )
             finally:
                 self._conn = None
-                for confirmed in self._wanted.values():
+                for channel, confirmed in self._wanted.items():
+                    if confirmed.is_set():
+                        self._gaps.add(channel)
                     confirmed.clear()
                 await conn.disconnect(nowait=True)
             self.reconnects += 1
@@ -285,7 +316,14 @@ class RedisBackend(BroadcastBackend):
                 # Not one of our frames (someone else published on our prefix); skipping it
                 # must not end the reader (broadcaster issue #144's other trigger).
                 self.dropped_payloads += 1
-                logger.warning("dropped a non-UTF-8 payload on channel %r", channel)
+                if self.dropped_payloads % _DROPPED_PAYLOAD_LOG_EVERY == 1:
+                    logger.warning(
+                        "dropped a non-UTF-8 payload on channel %r (%d so far): something "
+                        "other than this service publishes under prefix %r",
+                        channel,
+                        self.dropped_payloads,
+                        self._prefix,
+                    )
                 return
             self._queue.put_nowait(Event(channel, text))
         elif kind == b"subscribe":
@@ -299,5 +337,11 @@ class RedisBackend(BroadcastBackend):
             self._pending.pop(channel, None)
             self._resubscribing.discard(channel)
             confirmed = self._wanted.get(channel)
-            if confirmed is not None:
-                confirmed.set()
+            if confirmed is None:
+                return
+            confirmed.set()
+            if channel in self._gaps:
+                # Messages published while the connection was down never reached us.
+                self._gaps.discard(channel)
+                self.gaps_reported += 1
+                self._queue.put_nowait(Event(channel, gap(channel)))

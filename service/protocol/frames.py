@@ -45,6 +45,11 @@ def presence_event(kind: str, channel: str, info: bytes) -> str:
     )
 
 
+def gap(channel: str) -> str:
+    """Messages of `channel` may be missing between the previous frame and this one."""
+    return _encode({"type": "gap", "channel": channel}, None)
+
+
 def welcome(worker: str) -> str:
     """First frame on `/ws`: which worker the client reached and the protocol version."""
     return _encode({"type": "welcome", "worker": worker, "protocol": PROTOCOL_VERSION}, None)

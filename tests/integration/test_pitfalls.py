@@ -58,20 +58,28 @@ async def test_reader_survives_its_connection_being_killed(
     make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
 ) -> None:
     # broadcaster's listener ends on a Redis disconnect and subscribers hang forever
-    # (upstream issue #144). Ours reconnects and re-subscribes by itself.
+    # (upstream issue #144). Ours reconnects, re-subscribes by itself, and tells the
+    # subscribers that messages may have been missed meanwhile.
     worker = make_worker(*redis_args(redis_server, prefix))
-    channel = unique("kill")
+    channel, other = unique("kill"), unique("kill")
     client = await subscribed_client(worker, channel)
+    await client.subscribe(other)
     name = worker_name(worker, prefix)
     [pubsub] = redis_server.pubsub_clients(name)
     redis_server.client().client_kill_filter(_id=pubsub["id"])
+    # Published while the worker may not be listening: it must not vanish silently.
+    redis_server.client().publish(prefix + channel, "unseen")
     wait_for(lambda: worker.metric("broadcast_redis_reconnects_total") >= 1, what="reconnect")
     wait_for(lambda: worker.status("/readyz") == 200, what="ready again")
     [again] = redis_server.pubsub_clients(name)
     assert again["id"] != pubsub["id"]
-    assert again["sub"] == "1"
+    assert again["sub"] == "2"
     worker.publish(channel, "after the kill")
+    notices = [await client.recv(), await client.recv()]
+    assert sorted(n["channel"] for n in notices) == sorted([channel, other])
+    assert {n["type"] for n in notices} == {"gap"}
     assert (await client.recv())["data"] == "after the kill"
+    assert worker.metric("broadcast_gaps_total") == 2
     await client.close()
 
 

@@ -32,6 +32,8 @@ async def test_redis_restart_is_survived_without_silent_loss(
     own_redis.start()  # same port, empty
     wait_for(lambda: worker.status("/readyz") == 200, what="ready again after the restart")
     worker.publish(channel, "after the restart")
+    # Told that messages may have been missed, then live again.
+    assert await client.recv() == {"type": "gap", "channel": channel}
     frame = await client.recv()
     assert frame["data"] == "after the restart"
     await client.close()

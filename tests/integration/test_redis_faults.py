@@ -1,0 +1,142 @@
+"""Redis faults the broker must ride out without losing, duplicating or lying."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import redis.asyncio as aredis
+
+from service.broker import Broker
+from service.settings import Settings
+from tests.conftest import WorkerFactory
+from tests.helpers import (
+    UNIT,
+    Client,
+    RedisServer,
+    ReplyEatingProxy,
+    redis_args,
+    unique,
+    wait_for,
+)
+
+
+async def next_message(pubsub: aredis.client.PubSub) -> bytes:
+    async with asyncio.timeout(5 * UNIT):
+        while True:
+            message = await pubsub.get_message(timeout=1)
+            if message is not None and message["type"] == "message":
+                return bytes(message["data"])
+
+
+async def test_a_publish_whose_reply_is_lost_is_not_published_twice(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    # The connection breaks after Redis ran the publish script but before its reply
+    # arrived: the retry must answer with the first id, not publish a second message.
+    listener = aredis.Redis(port=redis_server.port)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(prefix + "news")
+    proxy = await ReplyEatingProxy(redis_server.port).start()
+    settings = Settings.model_validate({"broadcast_url": proxy.url, "redis_prefix": prefix})
+    try:
+        async with Broker(settings, "test") as broker:
+            await broker.publish("warm-up", b"0")  # loads the script
+            proxy.arm(b"EVALSHA")
+            publishing = asyncio.create_task(broker.publish("news", b'"once"'))
+            first = await next_message(pubsub)  # Redis ran it...
+            proxy.cut()  # ...and the reply is lost with the connection
+            message_id = await publishing
+        assert f'"id":"{message_id}"'.encode() in first
+        # Anything published twice would arrive before this marker.
+        await listener.publish(prefix + "news", b"marker")
+        assert await next_message(pubsub) == b"marker"
+    finally:
+        await proxy.close()
+        await pubsub.aclose()
+        await listener.aclose()
+
+
+async def test_a_frozen_redis_is_noticed_and_survived(
+    make_worker: WorkerFactory, own_redis: RedisServer, prefix: str
+) -> None:
+    # health_check_interval does not notice a frozen Redis (SIGSTOP); the watchdog's
+    # PING on the subscription connection does.
+    worker = make_worker(
+        *redis_args(
+            own_redis,
+            prefix,
+            "--redis-ping-interval",
+            "0.2",
+            "--redis-ping-timeout",
+            "0.5",
+            "--broker-timeout",
+            "1",
+        )
+    )
+    channel = unique("frozen")
+    client = await Client.connect(worker.ws + "/ws")
+    await client.welcome()
+    await client.subscribe(channel)
+    assert own_redis.process is not None
+    os.kill(own_redis.process.pid, signal.SIGSTOP)
+    try:
+        frozen_at = time.monotonic()
+        wait_for(lambda: worker.status("/readyz") == 503, what="not ready while frozen")
+        noticed_after = time.monotonic() - frozen_at
+    finally:
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+    assert noticed_after < 5 * UNIT
+    wait_for(lambda: worker.status("/readyz") == 200, what="ready after SIGCONT")
+    worker.publish(channel, "thawed")
+    assert await client.recv() == {"type": "gap", "channel": channel}
+    assert (await client.recv())["data"] == "thawed"
+    await client.close()
+
+
+async def test_joining_a_held_channel_during_an_outage_is_refused(
+    make_worker: WorkerFactory, own_redis: RedisServer, prefix: str
+) -> None:
+    # "subscribed" must mean the worker hears the channel: while it cannot, a new
+    # subscriber of a channel it already holds gets `unavailable`, not a silent promise.
+    worker = make_worker(*redis_args(own_redis, prefix, "--broker-timeout", "1"))
+    channel = unique("held")
+    holder = await Client.connect(worker.ws + "/ws")
+    await holder.welcome()
+    await holder.subscribe(channel)
+    own_redis.kill()
+    wait_for(lambda: worker.status("/readyz") == 503, what="not ready")
+    late = await Client.connect(worker.ws + "/ws")
+    await late.welcome()
+    await late.send({"type": "subscribe", "channel": channel, "ref": "late"})
+    error = await late.recv()
+    assert (error["type"], error["code"], error["ref"]) == ("error", "unavailable", "late")
+    own_redis.start()
+    wait_for(lambda: worker.status("/readyz") == 200, what="ready again")
+    assert (await late.subscribe(channel))["channel"] == channel
+    for client in (holder, late):
+        await client.close()
+
+
+async def test_subscribers_queued_behind_a_failing_subscribe_fail_together(
+    make_worker: WorkerFactory, own_redis: RedisServer, prefix: str
+) -> None:
+    worker = make_worker(*redis_args(own_redis, prefix, "--broker-timeout", "1"))
+    own_redis.kill()
+    wait_for(lambda: worker.status("/readyz") == 503, what="not ready")
+    channel = unique("storm")
+    clients = [await Client.connect(worker.ws + "/ws") for _ in range(4)]
+    for client in clients:
+        await client.welcome()
+    started = time.monotonic()
+    for client in clients:
+        await client.send({"type": "subscribe", "channel": channel})
+    errors = await asyncio.gather(*(c.recv(timeout=10) for c in clients))
+    elapsed = time.monotonic() - started
+    assert [e["code"] for e in errors] == ["unavailable"] * 4
+    # One timeout for all of them, not one after the other (that would be 4 s).
+    assert elapsed < 2.5 * UNIT, elapsed
+    for client in clients:
+        await client.close()
