@@ -76,7 +76,7 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             "broadcast_redis_reconnects",
-            "Times the pub/sub connection was rebuilt.",
+            "Attempts to rebuild the pub/sub connection.",
             value=redis.reconnects,
         )
         yield CounterMetricFamily(
