@@ -80,6 +80,16 @@ class _StateCollector(Collector):
             value=redis.reconnects,
         )
         yield CounterMetricFamily(
+            "broadcast_redis_canary_checks",
+            "Round trips of the worker's own canary through Redis that came back.",
+            value=redis.canary_checks,
+        )
+        yield CounterMetricFamily(
+            "broadcast_redis_deaf_detections",
+            "Times the worker did not hear its own canary and rebuilt its subscription.",
+            value=redis.deaf_detections,
+        )
+        yield CounterMetricFamily(
             "broadcast_gaps",
             "Channels whose subscribers were told messages may be missing (after a reconnect).",
             value=redis.gaps_reported,

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         3.0,
         description="Seconds of silence after a ping before the pub/sub connection is rebuilt.",
     )
+    canary_interval: PositiveFloat = Field(
+        5.0,
+        description="Seconds between checks that the worker still hears its own Redis messages.",
+    )
+    canary_timeout: PositiveFloat = Field(
+        3.0, description="Seconds to hear the check back before the worker counts as deaf."
+    )
     redis_retry_max_delay: PositiveFloat = Field(
         2.0, description="Longest pause between two attempts to reconnect to Redis."
     )

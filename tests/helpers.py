@@ -316,12 +316,14 @@ def started(*workers: Worker) -> Iterator[tuple[Worker, ...]]:
             worker.stop()
 
 
-class ReplyEatingProxy:
-    """A loopback TCP proxy to Redis that can lose the reply to one request.
+class RedisProxy:
+    """A loopback TCP proxy to Redis that injects faults.
 
-    Armed with a marker, it forwards the next request containing it, then forwards no
-    more replies on that connection until `cut()` aborts it: the client sees the
-    connection break after Redis has run the command.
+    * `arm(marker)`: forward the next request containing `marker`, then no more replies
+      on that connection until `cut()` aborts it: the client sees the connection break
+      after Redis has run the command.
+    * `deaf = True`: drop every pub/sub message pushed to clients while passing every
+      other reply (PONGs included), like a subscription gone silent without an error.
     """
 
     def __init__(self, redis_port: int) -> None:
@@ -331,8 +333,9 @@ class ReplyEatingProxy:
         self._marker: bytes | None = None
         self._swallowing: list[asyncio.StreamWriter] = []
         self._writers: list[asyncio.StreamWriter] = []
+        self.deaf = False
 
-    async def start(self) -> ReplyEatingProxy:
+    async def start(self) -> RedisProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -372,6 +375,8 @@ class ReplyEatingProxy:
 
         async def downstream() -> None:
             while data := await redis_r.read(65536):
+                if self.deaf and b"$7\r\nmessage\r\n" in data:
+                    continue
                 if not swallow:
                     client_w.write(data)
                     await client_w.drain()

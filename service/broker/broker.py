@@ -55,6 +55,8 @@ class Broker:
                 ping_interval=settings.redis_ping_interval,
                 ping_timeout=settings.redis_ping_timeout,
                 retry_max_delay=settings.redis_retry_max_delay,
+                canary_interval=settings.canary_interval,
+                canary_timeout=settings.canary_timeout,
             )
             self._broadcast = Broadcast(backend=self._redis)
         # memory:// only: one process, so a local counter per channel gives the ids.
@@ -108,7 +110,7 @@ class Broker:
             return Readiness(True)
         # The reader's own state first: it answers at once, even while Redis is frozen.
         if not self._redis.subscriptions_alive():
-            return Readiness(False, f"pub/sub connection down: {self._redis.last_error}")
+            return Readiness(False, self._redis.problem())
         try:
             async with asyncio.timeout(_READINESS_PING_TIMEOUT):
                 await self._redis.ping()

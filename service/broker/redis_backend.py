@@ -35,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from service.broker.canary import Canary
 from service.errors import BrokerUnavailable
 from service.protocol.frames import gap
 
@@ -76,6 +77,8 @@ class RedisBackend(BroadcastBackend):
         ping_interval: float,
         ping_timeout: float,
         retry_max_delay: float,
+        canary_interval: float,
+        canary_timeout: float,
     ) -> None:
         # BroadcastBackend.__init__ only raises NotImplementedError: not called on purpose.
         self._prefix = prefix
@@ -116,7 +119,22 @@ class RedisBackend(BroadcastBackend):
         # frame once the channel is confirmed again, in stream order.
         self._gaps: set[str] = set()
         self._conn: AbstractConnection | None = None
+        self._generation = 0
         self._reader: asyncio.Task[None] | None = None
+        # `#` is never part of a channel name, so no client can subscribe to or spoof it.
+        self._canary_key = f"{client_name}#canary".encode()
+        self._canary = Canary(
+            interval=canary_interval,
+            timeout=canary_timeout,
+            publish=lambda nonce: self._client.publish(self._canary_key, nonce),
+            generation=self._canary_generation,
+            on_deaf=self._deafened,
+            on_heard=self._heard_canary,
+        )
+        self._canary_task: asyncio.Task[None] | None = None
+        self._canary_subscribed = False
+        self._deaf: str | None = None
+        self.deaf_detections = 0
         self.reconnects = 0
         self.dropped_payloads = 0
         self.gaps_reported = 0
@@ -127,12 +145,14 @@ class RedisBackend(BroadcastBackend):
     async def connect(self) -> None:
         """Start the reader; it connects (and keeps reconnecting) in the background."""
         self._reader = asyncio.create_task(self._run_reader(), name="redis-pubsub-reader")
+        self._canary_task = asyncio.create_task(self._canary.run(), name="redis-canary")
 
     async def disconnect(self) -> None:
-        """Stop the reader and close both connections."""
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        """Stop the reader and the canary and close both connections."""
+        tasks = [t for t in (self._reader, self._canary_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._client.aclose()
 
     async def subscribe(self, channel: str) -> None:
@@ -196,12 +216,47 @@ class RedisBackend(BroadcastBackend):
         except TimeoutError:
             raise BrokerUnavailable(
                 f"Redis did not confirm the subscription within {self._timeout:g} s "
-                f"({self.last_error})"
+                f"({self.problem() or 'no reply'})"
             ) from None
 
     def subscriptions_alive(self) -> bool:
-        """True when connected and every channel wanted before it connected is re-confirmed."""
-        return self._conn is not None and not self._resubscribing
+        """True when connected, re-subscribed after connecting, and not found deaf."""
+        return self._conn is not None and not self._resubscribing and self._deaf is None
+
+    @property
+    def canary_checks(self) -> int:
+        """Canary round trips that came back."""
+        return self._canary.checks
+
+    def problem(self) -> str:
+        """Why `subscriptions_alive()` is false, for operators ("" when it is true)."""
+        if self._conn is None:
+            return f"pub/sub connection down: {self.last_error}"
+        if self._resubscribing:
+            return f"re-subscribing {len(self._resubscribing)} channels"
+        return self._deaf or ""
+
+    async def _deafened(self, reason: str) -> None:
+        self.deaf_detections += 1
+        self._deaf = f"deaf: {reason}"
+        logger.warning("Redis subscription is deaf (%s): rebuilding it", reason)
+        conn = self._conn
+        if conn is not None:
+            # The reader's pending read fails on the closed connection; it reconnects,
+            # re-subscribes, and sends `gap` frames, as after any other break.
+            await conn.disconnect(nowait=True)
+
+    def _canary_generation(self) -> int | None:
+        # Checking before Redis confirmed the canary's own SUBSCRIBE would read a
+        # reconnect as deafness ("0 receivers").
+        if self._conn is None or not self._canary_subscribed:
+            return None
+        return self._generation
+
+    def _heard_canary(self) -> None:
+        if self._deaf is not None:
+            logger.warning("Redis subscription hears again (%s)", self._deaf)
+            self._deaf = None
 
     async def ping(self) -> None:
         """One PING on the command connection; raises BrokerUnavailable."""
@@ -257,11 +312,12 @@ class RedisBackend(BroadcastBackend):
                 # From here on `subscribe` sends on this connection itself; everything wanted
                 # before this point is in the snapshot below (no await in between).
                 self._conn = conn
+                self._generation += 1
+                self._canary_subscribed = False
                 self._pending = dict.fromkeys(self._wanted, 1)
                 self._resubscribing = set(self._wanted)
-                if self._wanted:
-                    keys = [self._key(channel) for channel in self._wanted]
-                    await conn.send_command("SUBSCRIBE", *keys, check_health=False)
+                keys = [self._key(channel) for channel in self._wanted]
+                await conn.send_command("SUBSCRIBE", self._canary_key, *keys, check_health=False)
                 if failures:
                     logger.warning("Redis pub/sub connection restored after %d failures", failures)
                 delay, failures = _FIRST_RETRY_DELAY, 0
@@ -306,6 +362,12 @@ class RedisBackend(BroadcastBackend):
                 self._handle(reply[0], reply[1], reply[2])
 
     def _handle(self, kind: bytes, key: bytes, data: Any) -> None:
+        if key == self._canary_key:
+            if kind == b"message":
+                self._canary.heard(data)
+            elif kind == b"subscribe":
+                self._canary_subscribed = True
+            return
         if kind == b"message":
             channel = self._names.get(key)
             if channel is None:

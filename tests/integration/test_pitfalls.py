@@ -73,7 +73,7 @@ async def test_reader_survives_its_connection_being_killed(
     wait_for(lambda: worker.status("/readyz") == 200, what="ready again")
     [again] = redis_server.pubsub_clients(name)
     assert again["id"] != pubsub["id"]
-    assert again["sub"] == "2"
+    assert again["sub"] == "3"  # two channels and the worker's canary
     worker.publish(channel, "after the kill")
     notices = [await client.recv(), await client.recv()]
     assert sorted(n["channel"] for n in notices) == sorted([channel, other])
@@ -168,7 +168,7 @@ async def test_one_pubsub_connection_per_worker_and_no_patterns(
     clients = [await subscribed_client(worker, channels[n % 20]) for n in range(60)]
     name = worker_name(worker, prefix)
     [pubsub] = redis_server.pubsub_clients(name)
-    assert (pubsub["sub"], pubsub["psub"]) == ("20", "0")
+    assert (pubsub["sub"], pubsub["psub"]) == ("21", "0")  # 20 channels and the canary
     assert len(redis_server.clients_named(name)) <= 3
     for client in clients:
         await client.close()

@@ -20,6 +20,8 @@ async def backend(redis_server: RedisServer, prefix: str) -> AsyncIterator[Redis
         ping_interval=1,
         ping_timeout=3,
         retry_max_delay=1,
+        canary_interval=60,
+        canary_timeout=3,
     )
     await backend.connect()
     yield backend

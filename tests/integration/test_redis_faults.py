@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import httpx
 import redis.asyncio as aredis
 
 from service.broker import Broker
@@ -15,8 +16,8 @@ from tests.conftest import WorkerFactory
 from tests.helpers import (
     UNIT,
     Client,
+    RedisProxy,
     RedisServer,
-    ReplyEatingProxy,
     redis_args,
     unique,
     wait_for,
@@ -39,7 +40,7 @@ async def test_a_publish_whose_reply_is_lost_is_not_published_twice(
     listener = aredis.Redis(port=redis_server.port)
     pubsub = listener.pubsub()
     await pubsub.subscribe(prefix + "news")
-    proxy = await ReplyEatingProxy(redis_server.port).start()
+    proxy = await RedisProxy(redis_server.port).start()
     settings = Settings.model_validate({"broadcast_url": proxy.url, "redis_prefix": prefix})
     try:
         async with Broker(settings, "test") as broker:
@@ -140,3 +141,80 @@ async def test_subscribers_queued_behind_a_failing_subscribe_fail_together(
     assert elapsed < 2.5 * UNIT, elapsed
     for client in clients:
         await client.close()
+
+
+async def test_a_deaf_subscription_is_detected_and_repaired(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    # The subscription connection stays up and answers PINGs, but messages stop coming
+    # (python-socketio issue #1581). The worker's canary notices, the worker turns not
+    # ready, rebuilds its subscription and tells its clients.
+    proxy = await RedisProxy(redis_server.port).start()
+    # The proxy runs in this event loop: every blocking call to the worker (which may
+    # need the proxy to answer) runs in a thread.
+    try:
+        worker = make_worker(
+            "--broadcast-url",
+            proxy.url,
+            "--redis-prefix",
+            prefix,
+            "--canary-interval",
+            "0.2",
+            "--canary-timeout",
+            "0.5",
+            start=False,
+        )
+        worker.start(wait_ready=False)
+        await asyncio.to_thread(worker.wait_ready)
+        channel = unique("deaf")
+        client = await Client.connect(worker.ws + "/ws")
+        await client.welcome()
+        await client.subscribe(channel)
+        proxy.deaf = True
+
+        def reported_deaf() -> bool:
+            readiness = httpx.get(worker.http + "/readyz")
+            return readiness.status_code == 503 and "deaf" in readiness.json()["reason"]
+
+        await asyncio.to_thread(wait_for, reported_deaf, 10, "not ready, and saying why")
+        proxy.deaf = False
+        await asyncio.to_thread(
+            wait_for, lambda: worker.status("/readyz") == 200, 10, "ready after the repair"
+        )
+        detections = await asyncio.to_thread(worker.metric, "broadcast_redis_deaf_detections_total")
+        assert detections >= 1
+        await asyncio.to_thread(worker.publish, channel, "heard again")
+        frame = await client.recv()
+        while frame["type"] == "gap":  # one per repair; there may have been several
+            assert frame["channel"] == channel
+            frame = await client.recv()
+        assert frame["data"] == "heard again"
+        await client.close()
+    finally:
+        await proxy.close()
+
+
+async def test_the_canary_raises_no_false_alarm_across_a_reconnect(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    worker = make_worker(
+        *redis_args(redis_server, prefix, "--canary-interval", "0.05", "--canary-timeout", "1")
+    )
+    channel = unique("calm")
+    client = await Client.connect(worker.ws + "/ws")
+    await client.welcome()
+    await client.subscribe(channel)
+    checks = "broadcast_redis_canary_checks_total"
+    wait_for(lambda: worker.metric(checks) >= 10, what="ten canary round trips")
+    name = prefix + httpx.get(worker.http + "/healthz").json()["worker"]
+    [pubsub] = redis_server.pubsub_clients(name)
+    redis_server.client().client_kill_filter(_id=pubsub["id"])
+    wait_for(lambda: worker.metric("broadcast_redis_reconnects_total") >= 1, what="reconnect")
+    before = worker.metric(checks)
+    wait_for(lambda: worker.metric(checks) >= before + 10, what="ten more round trips")
+    assert worker.metric("broadcast_redis_deaf_detections_total") == 0
+    # Exactly one gap (the kill), then live messages.
+    worker.publish(channel, "calm")
+    assert await client.recv() == {"type": "gap", "channel": channel}
+    assert (await client.recv())["data"] == "calm"
+    await client.close()
