@@ -21,18 +21,24 @@ from service.protocol.codes import CloseCode
 
 logger = logging.getLogger(__name__)
 
-# How long the close frame may wait for a slow client's buffers to drain. Past it the
-# handler returns and uvicorn closes the transport.
-_CLOSE_TIMEOUT = 5.0
-
 
 class Connection:
     """Transport half of a session: outbox, writer, reader loop and closing."""
 
     def __init__(
-        self, websocket: WebSocket, *, max_messages: int, max_chars: int, metrics: Metrics
+        self,
+        websocket: WebSocket,
+        *,
+        max_messages: int,
+        max_chars: int,
+        close_timeout: float,
+        metrics: Metrics,
     ) -> None:
         self._ws = websocket
+        # How long the close frame may wait for a slow client's buffers to drain, so that
+        # a client that reads again learns why it was cut off (1013). Past it the handler
+        # returns and uvicorn drops the transport.
+        self._close_timeout = close_timeout
         self._max_messages = max_messages
         self._max_chars = max_chars
         self._metrics = metrics
@@ -102,7 +108,7 @@ class Connection:
             code, reason = self._closing
             # If the client is gone or not reading, give up: uvicorn drops the transport.
             with contextlib.suppress(TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
-                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                async with asyncio.timeout(self._close_timeout):
                     await self._ws.close(code, reason)
 
     async def _read_loop(self) -> None:

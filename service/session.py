@@ -36,6 +36,8 @@ class _ChannelSession(Connection):
             websocket,
             max_messages=settings.outbox_max_messages,
             max_chars=settings.outbox_max_bytes,
+            # uvicorn's keepalive drops a client that reads nothing by then anyway.
+            close_timeout=settings.ws_ping_interval + settings.ws_ping_timeout,
             metrics=runtime.metrics,
         )
         self._rt = runtime

@@ -26,6 +26,7 @@ import httpx
 import redis
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from service.settings import SETTINGS_ENV_VAR, Settings
 
@@ -291,6 +292,14 @@ class Client:
         """Assert the connection still answers commands."""
         await self.send({"type": "ping", "ref": "alive?"})
         assert await self.recv() == {"type": "pong", "ref": "alive?"}
+
+    async def close_code(self, timeout: float = 10.0) -> int | None:
+        """Read until the server closes; its close code (None: no close frame came)."""
+        try:
+            while True:
+                await self.recv(timeout)
+        except ConnectionClosed as closed:
+            return None if closed.rcvd is None else closed.rcvd.code
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
