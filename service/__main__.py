@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 from uvicorn.config import LOGGING_CONFIG
 
+from service.broker import check_redis_url
 from service.settings import SETTINGS_ENV_VAR, Settings
 
 APP_FACTORY = "service.app:create_app_from_environment"
@@ -61,9 +62,20 @@ def parse_settings(argv: list[str]) -> Settings:
         sys.exit(f"error: {exc}")
 
 
+def check_backend(settings: Settings) -> None:
+    """Exit with a readable message if redis-py cannot use `broadcast_url`."""
+    if settings.backend_scheme == "memory":
+        return
+    try:
+        check_redis_url(settings.broadcast_url)
+    except ValueError as exc:
+        sys.exit(f"error: invalid settings\n  broadcast_url: {exc}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m service` and `broadcast-service`."""
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    check_backend(settings)
     # uvicorn's worker processes import the app anew: hand them the parsed settings.
     os.environ[SETTINGS_ENV_VAR] = settings.model_dump_json()
     uvicorn.run(APP_FACTORY, **uvicorn_options(settings))

@@ -27,7 +27,7 @@ import random
 from typing import Any
 
 from broadcaster import BroadcastBackend, Event
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -62,6 +62,19 @@ _PUBLISH_TOKEN_TTL_SECONDS = 10
 # Log the first non-UTF-8 payload, then one in this many.
 _DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError if redis-py cannot build a connection from `url` (connects nothing).
+
+    Settings checks the scheme, host, port and database; the query string is redis-py's
+    to interpret, and it rejects a bad value when parsing the URL and an unknown
+    parameter only when it builds a connection.
+    """
+    try:
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError, RedisError) as exc:
+        raise ValueError(f"BROADCAST_URL is not usable by redis-py: {exc}") from None
 
 
 class RedisBackend(BroadcastBackend):
@@ -306,8 +319,9 @@ class RedisBackend(BroadcastBackend):
         delay = _FIRST_RETRY_DELAY
         failures = 0
         while True:
-            conn = self._new_connection()
+            conn: AbstractConnection | None = None
             try:
+                conn = self._new_connection()
                 await conn.connect()  # type: ignore[no-untyped-call]
                 # From here on `subscribe` sends on this connection itself; everything wanted
                 # before this point is in the snapshot below (no await in between).
@@ -341,7 +355,8 @@ class RedisBackend(BroadcastBackend):
                     if confirmed.is_set():
                         self._gaps.add(channel)
                     confirmed.clear()
-                await conn.disconnect(nowait=True)
+                if conn is not None:
+                    await conn.disconnect(nowait=True)
             self.reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self._retry_max_delay)
