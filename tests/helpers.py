@@ -306,6 +306,24 @@ class Client:
             await asyncio.wait_for(self.connection.close(), 5 * UNIT)
 
 
+async def subscribed_client(worker: Worker, *channels: str, **kwargs: Any) -> Client:
+    """A client of `worker`'s /ws, past its welcome and subscribed to `channels`."""
+    client = await Client.connect(worker.ws + "/ws", **kwargs)
+    await client.welcome()
+    for channel in channels:
+        await client.subscribe(channel)
+    return client
+
+
+def tiny_buffer_socket(port: int) -> socket.socket:
+    """A socket connected to `port` with a 4 KB receive buffer: a client that stops
+    reading fills up quickly."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
 def redis_args(server: RedisServer, prefix: str, *extra: str) -> list[str]:
     """Worker flags for a Redis backend with a private prefix."""
     return ["--broadcast-url", server.url, "--redis-prefix", prefix, *extra]

@@ -23,6 +23,7 @@ from tests.helpers import (
     free_port,
     hermetic_environment,
     redis_args,
+    subscribed_client,
     unique,
     wait_for,
 )
@@ -58,9 +59,7 @@ async def test_every_subscriber_on_every_worker_gets_everything_once_in_one_orde
     subscribers: list[Client] = []
     for worker in workers:
         for _ in range(4):
-            client = await Client.connect(worker.ws + "/ws")
-            await client.welcome()
-            await client.subscribe(channel)
+            client = await subscribed_client(worker, channel)
             subscribers.append(client)
     per_publisher = 150
     collectors = [asyncio.create_task(collect(c, 2 * per_publisher)) for c in subscribers]

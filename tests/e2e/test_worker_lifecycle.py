@@ -37,6 +37,7 @@ from tests.helpers import (
     free_port,
     hermetic_environment,
     redis_args,
+    subscribed_client,
     unique,
     wait_for,
 )
@@ -54,13 +55,6 @@ EXIT_MARGIN = 2.0 * UNIT
 BACKLOG_MESSAGES = 256
 BACKLOG_PADDING = "x" * 32_000
 RECONNECTS = "broadcast_redis_reconnects_total"
-
-
-async def subscribed_client(worker: Worker, channel: str) -> Client:
-    client = await Client.connect(worker.ws + "/ws")
-    await client.welcome()
-    await client.subscribe(channel)
-    return client
 
 
 async def closing_frame(client: Client) -> ConnectionClosed:

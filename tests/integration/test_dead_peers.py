@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.conftest import WorkerFactory
-from tests.helpers import UNIT, Client, RedisServer, redis_args, unique, wait_for
+from tests.helpers import UNIT, Client, RedisServer, redis_args, subscribed_client, unique, wait_for
 
 
 async def test_a_client_that_vanished_without_a_fin_is_dropped_and_released(
@@ -29,9 +29,7 @@ async def test_a_client_that_vanished_without_a_fin_is_dropped_and_released(
         )
     )
     channel = unique("ghost")
-    ghost = await Client.connect(worker.ws + "/ws", ping_interval=None)
-    await ghost.welcome()
-    await ghost.subscribe(channel)
+    ghost = await subscribed_client(worker, channel, ping_interval=None)
     key = prefix + channel
     assert redis_server.client().pubsub_numsub(key)[0][1] == 1
     assert worker.metric("broadcast_connections") == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.helpers import Client, Worker, unique
+from tests.helpers import Worker, subscribed_client, unique
 
 
 def post(worker: Worker, channel: str, body: bytes, **headers: str) -> httpx.Response:
@@ -18,9 +18,7 @@ def post(worker: Worker, channel: str, body: bytes, **headers: str) -> httpx.Res
 
 async def test_http_publish_reaches_websocket_subscribers(worker: Worker) -> None:
     channel = unique("http")
-    client = await Client.connect(worker.ws + "/ws")
-    await client.welcome()
-    await client.subscribe(channel)
+    client = await subscribed_client(worker, channel)
     response = httpx.post(
         f"{worker.http}/api/channels/{channel}/messages", json={"data": {"n": [1, 2]}}
     )

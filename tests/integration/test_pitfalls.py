@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-from typing import Any
 
 import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import WorkerFactory
-from tests.helpers import UNIT, Client, RedisServer, Worker, redis_args, unique, wait_for
-
-
-async def subscribed_client(worker: Worker, channel: str, **kwargs: Any) -> Client:
-    client = await Client.connect(worker.ws + "/ws", **kwargs)
-    await client.welcome()
-    await client.subscribe(channel)
-    return client
+from tests.helpers import (
+    UNIT,
+    Client,
+    RedisServer,
+    Worker,
+    redis_args,
+    subscribed_client,
+    tiny_buffer_socket,
+    unique,
+    wait_for,
+)
 
 
 async def drain(client: Client) -> None:
@@ -186,9 +187,7 @@ async def test_slow_consumer_is_closed_with_1013_and_nobody_waits(
     )
     channel = unique("slow")
     # A small receive buffer makes the client's side fill up quickly.
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", worker.port))
+    sock = tiny_buffer_socket(worker.port)
     slow = await subscribed_client(worker, channel, sock=sock, max_queue=1)
     healthy = await subscribed_client(worker, channel)
     received: list[int] = []

@@ -13,7 +13,15 @@ import httpx
 import pytest
 
 from tests.conftest import WorkerFactory
-from tests.helpers import UNIT, Client, RedisServer, Worker, redis_args, unique, wait_for
+from tests.helpers import (
+    UNIT,
+    RedisServer,
+    Worker,
+    redis_args,
+    subscribed_client,
+    unique,
+    wait_for,
+)
 
 FAULT_BOUND = 5.0  # seconds, from the issue
 FREEZE_SECONDS = 15.0
@@ -45,9 +53,7 @@ async def test_redis_fault_bounds(
 ) -> None:
     worker = make_worker(*redis_args(own_redis, prefix))
     channel = unique("fault")
-    client = await Client.connect(worker.ws + "/ws")
-    await client.welcome()
-    await client.subscribe(channel)
+    client = await subscribed_client(worker, channel)
     assert own_redis.process is not None
 
     if fault == "sigkill-and-restart":
@@ -85,9 +91,7 @@ async def test_killed_subscription_connection_bounds(
     # so the bound is on the repair itself.
     worker = make_worker(*redis_args(own_redis, prefix))
     channel = unique("killed")
-    client = await Client.connect(worker.ws + "/ws")
-    await client.welcome()
-    await client.subscribe(channel)
+    client = await subscribed_client(worker, channel)
     own_redis.client().client_kill_filter(_type="pubsub")
     repaired_after = seconds_until(
         lambda: (

@@ -19,6 +19,7 @@ from tests.helpers import (
     RedisProxy,
     RedisServer,
     redis_args,
+    subscribed_client,
     unique,
     wait_for,
 )
@@ -78,9 +79,7 @@ async def test_a_frozen_redis_is_noticed_and_survived(
         )
     )
     channel = unique("frozen")
-    client = await Client.connect(worker.ws + "/ws")
-    await client.welcome()
-    await client.subscribe(channel)
+    client = await subscribed_client(worker, channel)
     assert own_redis.process is not None
     os.kill(own_redis.process.pid, signal.SIGSTOP)
     try:
@@ -104,9 +103,7 @@ async def test_joining_a_held_channel_during_an_outage_is_refused(
     # subscriber of a channel it already holds gets `unavailable`, not a silent promise.
     worker = make_worker(*redis_args(own_redis, prefix, "--broker-timeout", "1"))
     channel = unique("held")
-    holder = await Client.connect(worker.ws + "/ws")
-    await holder.welcome()
-    await holder.subscribe(channel)
+    holder = await subscribed_client(worker, channel)
     own_redis.kill()
     wait_for(lambda: worker.status("/readyz") == 503, what="not ready")
     late = await Client.connect(worker.ws + "/ws")
@@ -167,9 +164,7 @@ async def test_a_deaf_subscription_is_detected_and_repaired(
         worker.start(wait_ready=False)
         await asyncio.to_thread(worker.wait_ready)
         channel = unique("deaf")
-        client = await Client.connect(worker.ws + "/ws")
-        await client.welcome()
-        await client.subscribe(channel)
+        client = await subscribed_client(worker, channel)
         proxy.deaf = True
 
         def reported_deaf() -> bool:
@@ -201,9 +196,7 @@ async def test_the_canary_raises_no_false_alarm_across_a_reconnect(
         *redis_args(redis_server, prefix, "--canary-interval", "0.05", "--canary-timeout", "1")
     )
     channel = unique("calm")
-    client = await Client.connect(worker.ws + "/ws")
-    await client.welcome()
-    await client.subscribe(channel)
+    client = await subscribed_client(worker, channel)
     checks = "broadcast_redis_canary_checks_total"
     wait_for(lambda: worker.metric(checks) >= 10, what="ten canary round trips")
     name = prefix + httpx.get(worker.http + "/healthz").json()["worker"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import WorkerFactory
-from tests.helpers import Client, RedisServer, redis_args, unique, wait_for
+from tests.helpers import RedisServer, redis_args, subscribed_client, unique, wait_for
 
 
 async def test_redis_restart_is_survived_without_silent_loss(
@@ -13,9 +13,7 @@ async def test_redis_restart_is_survived_without_silent_loss(
 ) -> None:
     worker = make_worker(*redis_args(own_redis, prefix))
     channel = unique("outage")
-    client = await Client.connect(worker.ws + "/ws")
-    await client.welcome()
-    await client.subscribe(channel)
+    client = await subscribed_client(worker, channel)
 
     own_redis.kill()
     wait_for(lambda: worker.status("/readyz") == 503, what="not ready while Redis is down")

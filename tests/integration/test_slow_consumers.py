@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
 import time
 
@@ -11,7 +10,16 @@ import httpx
 import pytest
 
 from tests.conftest import WorkerFactory
-from tests.helpers import UNIT, Client, RedisServer, Worker, redis_args, unique
+from tests.helpers import (
+    UNIT,
+    Client,
+    RedisServer,
+    Worker,
+    redis_args,
+    subscribed_client,
+    tiny_buffer_socket,
+    unique,
+)
 
 HEALTHY = 100
 P99_BOUND = 0.25  # seconds; see docs/operations.md for the measured figures
@@ -37,17 +45,11 @@ async def test_healthy_clients_keep_their_latency_while_a_slow_one_is_cut_off(
     )
     channel = unique("mixed")
     # The slow client: a tiny receive buffer, and it never reads after subscribing.
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", worker.port))
-    slow = await Client.connect(worker.ws + "/ws", sock=sock, max_queue=1)
-    await slow.welcome()
-    await slow.subscribe(channel)
+    sock = tiny_buffer_socket(worker.port)
+    slow = await subscribed_client(worker, channel, sock=sock, max_queue=1)
     healthy = []
     for _ in range(HEALTHY):
-        client = await Client.connect(worker.ws + "/ws")
-        await client.welcome()
-        await client.subscribe(channel)
+        client = await subscribed_client(worker, channel)
         healthy.append(client)
     rss_before = rss_bytes(worker)
     latencies: list[float] = []
