@@ -349,8 +349,9 @@ class RedisProxy:
     * `arm(marker)`: forward the next request containing `marker`, then no more replies
       on that connection until `cut()` aborts it: the client sees the connection break
       after Redis has run the command.
-    * `deaf = True`: drop every pub/sub message pushed to clients while passing every
-      other reply (PONGs included), like a subscription gone silent without an error.
+    * `deafen_open_connections()`: from now on, the connections open at this moment get
+      no pub/sub message pushed to them, while every other reply (PONGs included) still
+      passes: subscriptions gone silent without an error. New connections are healthy.
     """
 
     def __init__(self, redis_port: int) -> None:
@@ -360,7 +361,8 @@ class RedisProxy:
         self._marker: bytes | None = None
         self._swallowing: list[asyncio.StreamWriter] = []
         self._writers: list[asyncio.StreamWriter] = []
-        self.deaf = False
+        self._open: set[asyncio.StreamWriter] = set()
+        self._deaf: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> RedisProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -373,6 +375,9 @@ class RedisProxy:
 
     def arm(self, marker: bytes) -> None:
         self._marker = marker
+
+    def deafen_open_connections(self) -> None:
+        self._deaf |= self._open
 
     def cut(self) -> None:
         for writer in self._swallowing:
@@ -388,6 +393,7 @@ class RedisProxy:
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
         self._writers.extend([client_w, redis_w])
+        self._open.add(client_w)
         swallow = False
 
         async def upstream() -> None:
@@ -402,12 +408,13 @@ class RedisProxy:
 
         async def downstream() -> None:
             while data := await redis_r.read(65536):
-                if self.deaf and b"$7\r\nmessage\r\n" in data:
+                if client_w in self._deaf and b"$7\r\nmessage\r\n" in data:
                     continue
                 if not swallow:
                     client_w.write(data)
                     await client_w.drain()
 
         await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+        self._open.discard(client_w)
         for writer in (client_w, redis_w):
             writer.transport.abort()

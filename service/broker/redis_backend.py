@@ -134,8 +134,9 @@ class RedisBackend(BroadcastBackend):
         self._conn: AbstractConnection | None = None
         self._generation = 0
         self._reader: asyncio.Task[None] | None = None
-        # `#` is never part of a channel name, so no client can subscribe to or spoof it.
-        self._canary_key = f"{client_name}#canary".encode()
+        # `#` is never part of a channel name, so no client can subscribe to or spoof it;
+        # the random part keeps it this process's own even if workers share a WORKER_ID.
+        self._canary_key = f"{client_name}#canary:{os.urandom(6).hex()}".encode()
         self._canary = Canary(
             interval=canary_interval,
             timeout=canary_timeout,
@@ -382,6 +383,8 @@ class RedisBackend(BroadcastBackend):
                 self._canary.heard(data)
             elif kind == b"subscribe":
                 self._canary_subscribed = True
+                if self._deaf is not None:
+                    self._canary.check_soon()  # rebuilt after deafness: verify it now
             return
         if kind == b"message":
             channel = self._names.get(key)

@@ -429,6 +429,8 @@ class Soak:
     publisher: Publisher = field(default_factory=Publisher)
     timeline: dict[str, float] = field(default_factory=dict)
     victims_clients: list[SoakClient] = field(default_factory=list)
+    # time.monotonic() when Redis was killed (the clients' logs use the same clock)
+    killed_at: float = 0.0
 
     @property
     def victim(self) -> Worker:
@@ -465,6 +467,7 @@ class Soak:
                 "every client to receive the warm-up",
             )
             mark("redis killed")
+            self.killed_at = time.monotonic()
             await asyncio.to_thread(self.own_redis.kill)
             publisher.phase = "redis down"
             await until(1 / 3 + OUTAGE_SECONDS / SOAK_SECONDS)
@@ -599,7 +602,10 @@ async def test_soak_with_a_redis_restart_and_a_worker_restart(
     for phase in ("warm-up", "redis back", "worker down"):
         assert phases[phase].get("acknowledged", 0) > 0, phases
     assert report["refused"] > 0
-    assert report["notices"]["gap"] >= CLIENTS  # every client heard about the outage
+    assert report["notices"]["gap"] >= CLIENTS
+    assert report["clients_without_outage_notice"] == 0
+    assert set(report["worker_log_tracebacks"].values()) == {0}
+    assert set(report["deaf_detections"].values()) == {0}
     assert report["notices"]["close"].get("1012", 0) >= report["victims_clients"] > 0
 
 
@@ -693,6 +699,17 @@ def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any
         "worker_log_tracebacks": {
             port: w.log().count("Traceback") for port, w in zip(logs, workers, strict=True)
         },
+        # A false canary alarm under load would rebuild a subscription for nothing.
+        "deaf_detections": {
+            w.port: w.metric("broadcast_redis_deaf_detections_total")
+            for w in workers
+            if w is not soak.victim
+        },
+        # Every client was subscribed when Redis died: each must have been told.
+        "clients_without_outage_notice": sum(
+            not any(kind in (GAP, CLOSE) and at >= soak.killed_at for kind, _, at in c.log)
+            for c in soak.clients
+        ),
         "per_client": [
             {
                 "client": c.index,

@@ -100,6 +100,7 @@ async def test_killed_subscription_connection_bounds(
         ),
         "the subscription to be rebuilt",
     )
+    print(f"CLIENT KILL TYPE pubsub: repaired and ready {repaired_after:.2f} s after")
     assert repaired_after < FAULT_BOUND * UNIT
     worker.publish(channel, "after the kill")
     assert await client.recv() == {"type": "gap", "channel": channel}
