@@ -156,6 +156,12 @@ class RedisServer:
             if c.get("name") == name and "P" in c.get("flags", "")
         ]
 
+    def kill_pubsub_of(self, name: str) -> dict[str, Any]:
+        """Kill the one subscription connection named `name`; its CLIENT LIST entry."""
+        [pubsub] = self.pubsub_clients(name)
+        self.client().client_kill_filter(_id=pubsub["id"])
+        return pubsub
+
     def clients_named(self, name: str) -> list[dict[str, Any]]:
         """Every connection (commands and pub/sub) a worker opened under `name`."""
         return [c for c in self.client().client_list() if c.get("name") == name]
@@ -210,6 +216,10 @@ class Worker:
             wait_for(ready, timeout, what=f"worker on port {self.port} to be ready")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- worker log ---\n{self.log()}") from None
+
+    def redis_name(self, prefix: str) -> str:
+        """The CLIENT SETNAME of this worker's Redis connections: prefix + worker id."""
+        return prefix + str(httpx.get(self.http + "/healthz", timeout=5 * UNIT).json()["worker"])
 
     def metric(self, name: str) -> float:
         """One sample of this worker's /metrics (0 when absent)."""

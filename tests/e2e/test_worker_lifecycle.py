@@ -66,11 +66,6 @@ async def closing_frame(client: Client) -> ConnectionClosed:
         return closed
 
 
-def worker_name(worker: Worker, prefix: str) -> str:
-    """The CLIENT SETNAME of a worker's Redis connections: prefix + worker id."""
-    return prefix + httpx.get(worker.http + "/healthz", timeout=5 * UNIT).json()["worker"]
-
-
 def numsub(server: RedisServer, key: str) -> int:
     return int(server.client().pubsub_numsub(key)[0][1])
 
@@ -247,7 +242,7 @@ async def test_sigterm_refuses_new_connections_closes_with_1012_releases_redis_a
         await fill_backlog(leaving, bulk, witness)
         assert numsub(redis_server, prefix + channel) == 2
         assert numsub(redis_server, prefix + bulk) == 1
-        name = worker_name(leaving, prefix)
+        name = leaving.redis_name(prefix)
         [pubsub] = redis_server.pubsub_clients(name)
         pubsub_port = pubsub["addr"].rsplit(":", 1)[1]
 

@@ -18,7 +18,6 @@ from tests.helpers import (
     UNIT,
     Client,
     RedisServer,
-    Worker,
     redis_args,
     subscribed_client,
     tiny_buffer_socket,
@@ -31,11 +30,6 @@ async def drain(client: Client) -> None:
     """Read until the connection closes (bounded: each read times out)."""
     while True:
         await client.recv(timeout=10)
-
-
-def worker_name(worker: Worker, prefix: str) -> str:
-    """The CLIENT SETNAME of a worker's Redis connections: prefix + worker id."""
-    return prefix + httpx.get(worker.http + "/healthz").json()["worker"]
 
 
 async def test_first_subscription_of_a_process_delivers(
@@ -65,9 +59,8 @@ async def test_reader_survives_its_connection_being_killed(
     channel, other = unique("kill"), unique("kill")
     client = await subscribed_client(worker, channel)
     await client.subscribe(other)
-    name = worker_name(worker, prefix)
-    [pubsub] = redis_server.pubsub_clients(name)
-    redis_server.client().client_kill_filter(_id=pubsub["id"])
+    name = worker.redis_name(prefix)
+    pubsub = redis_server.kill_pubsub_of(name)
     # Published while the worker may not be listening: it must not vanish silently.
     redis_server.client().publish(prefix + channel, "unseen")
     wait_for(lambda: worker.metric("broadcast_redis_reconnects_total") >= 1, what="reconnect")
@@ -106,7 +99,7 @@ def test_publish_rides_out_a_dropped_command_connection(
     worker = make_worker(*redis_args(redis_server, prefix))
     channel = unique("retry")
     worker.publish(channel, "warm up the pool")
-    name = worker_name(worker, prefix)
+    name = worker.redis_name(prefix)
     commands = [c for c in redis_server.clients_named(name) if "P" not in c["flags"]]
     assert commands
     for connection in commands:
@@ -167,7 +160,7 @@ async def test_one_pubsub_connection_per_worker_and_no_patterns(
     worker = make_worker(*redis_args(redis_server, prefix))
     channels = [unique("c") for _ in range(20)]
     clients = [await subscribed_client(worker, channels[n % 20]) for n in range(60)]
-    name = worker_name(worker, prefix)
+    name = worker.redis_name(prefix)
     [pubsub] = redis_server.pubsub_clients(name)
     assert (pubsub["sub"], pubsub["psub"]) == ("21", "0")  # 20 channels and the canary
     assert len(redis_server.clients_named(name)) <= 3

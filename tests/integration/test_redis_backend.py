@@ -53,8 +53,7 @@ async def test_resubscribe_after_reconnect_confirms_each_channel_once(
         await backend.subscribe(channel)
     for channel in channels:
         await backend.wait_subscribed(channel)
-    [pubsub] = redis_server.pubsub_clients(prefix + "test")
-    redis_server.client().client_kill_filter(_id=pubsub["id"])
+    redis_server.kill_pubsub_of(prefix + "test")
     await async_wait_for(lambda: _reconnected(backend), what="a reconnect")
     await async_wait_for(lambda: alive(backend), what="every channel re-confirmed")
     assert redis_server.client().pubsub_numsub(*(prefix + c for c in channels)) == [

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import httpx
 import redis.asyncio as aredis
 
 from service.broker import Broker
@@ -203,9 +202,7 @@ async def test_the_canary_raises_no_false_alarm_across_a_reconnect(
     client = await subscribed_client(worker, channel)
     checks = "broadcast_redis_canary_checks_total"
     wait_for(lambda: worker.metric(checks) >= 10, what="ten canary round trips")
-    name = prefix + httpx.get(worker.http + "/healthz").json()["worker"]
-    [pubsub] = redis_server.pubsub_clients(name)
-    redis_server.client().client_kill_filter(_id=pubsub["id"])
+    redis_server.kill_pubsub_of(worker.redis_name(prefix))
     wait_for(lambda: worker.metric("broadcast_redis_reconnects_total") >= 1, what="reconnect")
     before = worker.metric(checks)
     wait_for(lambda: worker.metric(checks) >= before + 10, what="ten more round trips")
