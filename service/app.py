@@ -37,7 +37,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker_id = settings.resolved_worker_id()
         async with Broker(settings, worker_id) as broker:
-            hub = Hub(broker, linger=settings.channel_linger, on_fanout=metrics.deliveries.inc)
+            hub = Hub(
+                broker,
+                linger=settings.channel_linger,
+                catchup_limit=settings.outbox_max_messages,
+                on_fanout=metrics.deliveries.inc,
+            )
             metrics.watch(hub, broker)
             app.state.runtime = Runtime(
                 settings=settings,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
@@ -65,6 +66,17 @@ class Connection:
             return
         self._outbox.append(frame)
         self._outbox_chars += size
+        self._wakeup.set()
+
+    def deliver_backlog(self, frames: Sequence[str]) -> None:
+        """Queue frames a resumed subscription missed, even past the outbox limits.
+
+        The history size bounds them; the limits apply again to every later frame.
+        """
+        if self._closing is not None or not frames:
+            return
+        self._outbox.extend(frames)
+        self._outbox_chars += sum(map(len, frames))
         self._wakeup.set()
 
     def close(self, code: CloseCode, reason: str, *, flush: bool = True) -> None:

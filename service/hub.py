@@ -4,18 +4,33 @@ The subscription is made under a per-channel lock by the first member, and dropp
 `linger` seconds after the last one left. Each channel has one pump task that reads
 the broker subscription and hands the SAME frame to every member with a synchronous
 `deliver` call: the fan-out never awaits a client.
+
+The pump also keeps the channel's position (the last message it delivered). When the
+worker's subscription was interrupted, it reads what it missed from history and
+delivers that first, skipping the live copies that follow; and a member that resumes
+`since` an id joins with a buffer, reads history, and is switched to live delivery in
+one synchronous step, so that it sees every message once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Protocol
 
-from service.broker import Broker, Subscription, Unsubscribed
+from service.broker import (
+    SUBSCRIPTION_INTERRUPTED,
+    Broker,
+    Position,
+    Subscription,
+    Unsubscribed,
+    position_of,
+)
 from service.errors import BrokerUnavailable
+from service.protocol import frames
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +41,64 @@ class Member(Protocol):
     def deliver(self, frame: str) -> None:
         """Queue `frame` for the client without waiting."""
 
+    def deliver_backlog(self, frames: Sequence[str]) -> None:
+        """Queue a resumed subscription's missed frames, even past the outbox limits.
+
+        They are bounded by the history size, and a client that asked to resume would
+        otherwise be closed as a slow consumer, resume again, and never catch up.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """How a member joined: `position` is the id after which its messages start.
+
+    `recovered` is None without `since`, else whether every message after `since`
+    follows. `position` is None only while the worker does not know it.
+    """
+
+    position: str | None
+    recovered: bool | None = None
+
+
+class _Catchup:
+    """Stands in for a resuming member while its history is read: buffers live frames."""
+
+    def __init__(self, limit: int) -> None:
+        self.frames: list[str] = []
+        self.overflowed = False
+        self._limit = limit
+
+    def deliver(self, frame: str) -> None:
+        if len(self.frames) > self._limit:
+            self.overflowed = True  # the member could not take this many either
+            return
+        self.frames.append(frame)
+
+    def deliver_backlog(self, frames: Sequence[str]) -> None:
+        for frame in frames:
+            self.deliver(frame)
+
 
 class _Channel:
-    __slots__ = ("drop_task", "failure", "lock", "members", "name", "pump", "stack")
+    __slots__ = (
+        "drop_task",
+        "failure",
+        "head",
+        "lock",
+        "members",
+        "name",
+        "position",
+        "pump",
+        "stack",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.head = frames.message_head(name)
+        # The last message the pump delivered (or, before any, where the subscription
+        # started); None when unknown after a failed catch-up.
+        self.position: Position | None = None
         # Set when opening the subscription failed: everyone who queued up behind that
         # attempt fails with it at once instead of each waiting a full timeout in turn.
         self.failure: str | None = None
@@ -50,12 +117,21 @@ class Hub:
         broker: Broker,
         *,
         linger: float,
+        catchup_limit: int = 1000,
         on_fanout: Callable[[int], None] | None = None,
     ) -> None:
         self._broker = broker
         self._linger = linger
+        self._catchup_limit = catchup_limit
         self._on_fanout = on_fanout
         self._channels: dict[str, _Channel] = {}
+        # Interruptions of the worker's subscription that history covered, and those it
+        # did not (each sent the channel's members a `gap` frame).
+        self.gaps_filled = 0
+        self.gaps_reported = 0
+        # Members that resumed with `since`, by whether history reached back.
+        self.resumes_recovered = 0
+        self.resumes_not_recovered = 0
 
     @property
     def channel_count(self) -> int:
@@ -67,13 +143,38 @@ class Hub:
         channel = self._channels.get(name)
         return 0 if channel is None else len(channel.members)
 
-    async def join(self, name: str, member: Member) -> None:
+    async def join(
+        self,
+        name: str,
+        member: Member,
+        since: str | None = None,
+        on_joined: Callable[[Joined], None] | None = None,
+    ) -> Joined:
         """Add `member` to channel `name`, subscribing the worker first if needed.
 
         Returns once the worker's subscription is confirmed by Redis, so that a member is
         never told it is subscribed while the worker is deaf to the channel. Raises
         `BrokerUnavailable` when that does not happen in time; the member is then not added.
+        With `since`, the member first gets what it missed (see `Joined`). `on_joined` is
+        called just before the member's first frame can be queued (the place for a reply).
         """
+        resume_from = None if since is None else Position.parse(since)
+        if resume_from is None:
+            # Nothing to resume from: a plain join (which cannot recover an unknown id).
+            recovered = None if since is None else False
+            _, joined = await self._add(name, member, recovered, on_joined)
+            if since is not None:
+                self.resumes_not_recovered += 1
+            return joined
+        return await self._resume(name, member, resume_from, on_joined)
+
+    async def _add(
+        self,
+        name: str,
+        member: Member,
+        recovered: bool | None,
+        on_joined: Callable[[Joined], None] | None,
+    ) -> tuple[_Channel, Joined]:
         while True:
             channel = self._channels.get(name)
             if channel is None:
@@ -100,8 +201,57 @@ class Hub:
                 if channel.drop_task is not None:
                     channel.drop_task.cancel()
                     channel.drop_task = None
+                position = None if channel.position is None else str(channel.position)
+                joined = Joined(position, recovered)
+                if on_joined is not None:
+                    on_joined(joined)
                 channel.members.add(member)
-                return
+                return channel, joined
+
+    async def _resume(
+        self,
+        name: str,
+        member: Member,
+        since: Position,
+        on_joined: Callable[[Joined], None] | None,
+    ) -> Joined:
+        # Live first, into a buffer; then history; then both, without duplicates. Every
+        # message the history read missed was published after it, so after the live
+        # subscription was confirmed: it is in the buffer or still to come.
+        catchup = _Catchup(self._catchup_limit)
+        channel, start = await self._add(name, catchup, None, None)
+        try:
+            read = await self._broker.history_after(name, since)
+        except BaseException:
+            self.leave(name, catchup)
+            raise
+        if self._channels.get(name) is not channel:
+            raise BrokerUnavailable("the worker is shutting down: reconnect to another one")
+        # From here to the end nothing awaits: no frame can slip in between.
+        channel.members.discard(catchup)
+        live = catchup.frames
+        if read.complete:
+            self.resumes_recovered += 1
+            history = read.frames
+            # Drop the live copies of what history already gave.
+            live = [f for f in live if not _covered(read.position, f, channel.head)]
+            joined = Joined(str(since), True)
+        else:
+            self.resumes_not_recovered += 1
+            history = []
+            joined = Joined(start.position, False)
+        if on_joined is not None:
+            on_joined(joined)
+        member.deliver_backlog(history)
+        if catchup.overflowed:
+            # More live frames came during the read than an outbox holds: queue them the
+            # normal way, which closes the member as a slow consumer (it resumes again).
+            for frame in live:
+                member.deliver(frame)
+        else:
+            member.deliver_backlog(live)
+        channel.members.add(member)
+        return joined
 
     def leave(self, name: str, member: Member) -> None:
         """Remove `member` from channel `name`; never waits."""
@@ -125,6 +275,12 @@ class Hub:
     async def _open(self, channel: _Channel) -> None:
         stack = AsyncExitStack()
         subscription = await stack.enter_async_context(self._broker.subscribe(channel.name))
+        try:
+            # Read after the subscription is confirmed: every later message arrives live.
+            channel.position = (await self._broker.history_latest(channel.name, 0)).position
+        except BaseException:
+            await stack.aclose()
+            raise
         channel.stack = stack
         channel.pump = asyncio.create_task(
             self._pump(channel, subscription), name=f"pump:{channel.name}"
@@ -162,13 +318,58 @@ class Hub:
             except Unsubscribed:
                 return
             frame = event.message
-            # A snapshot: delivering may close a slow member, which leaves the channel.
-            members = tuple(channel.members)
-            for member in members:
-                # One broken member must neither stop the fan-out nor end the pump.
-                try:
-                    member.deliver(frame)
-                except Exception:
-                    logger.exception("delivery to a member of %r failed", channel.name)
-            if self._on_fanout is not None:
-                self._on_fanout(len(members))
+            if frame == SUBSCRIPTION_INTERRUPTED:
+                for missed in await self._catch_up(channel):
+                    self._fan_out(channel, missed)
+                continue
+            position = position_of(frame, channel.head)
+            if position is not None:
+                last = channel.position
+                if last is not None and last.covers(position):
+                    continue  # already delivered from history by a catch-up
+                channel.position = position
+            self._fan_out(channel, frame)
+
+    def _fan_out(self, channel: _Channel, frame: str) -> None:
+        # A snapshot: delivering may close a slow member, which leaves the channel.
+        members = tuple(channel.members)
+        for member in members:
+            # One broken member must neither stop the fan-out nor end the pump.
+            try:
+                member.deliver(frame)
+            except Exception:
+                logger.exception("delivery to a member of %r failed", channel.name)
+        if self._on_fanout is not None:
+            self._on_fanout(len(members))
+
+    async def _catch_up(self, channel: _Channel) -> Sequence[str]:
+        """What the channel missed while the subscription was interrupted, from history.
+
+        Live messages keep queueing behind this read; the pump skips those it returns.
+        """
+        last = channel.position
+        try:
+            read = await self._broker.history_after(channel.name, last)
+        except BrokerUnavailable as exc:
+            logger.warning("history of %r unreadable after an interruption: %s", channel.name, exc)
+            self.gaps_reported += 1
+            channel.position = None  # whatever comes next is new to the members
+            return [frames.gap(channel.name)]
+        if read.complete:
+            self.gaps_filled += 1
+            channel.position = read.position
+            return read.frames
+        self.gaps_reported += 1
+        logger.info("history of %r does not cover an interruption: sending a gap", channel.name)
+        if read.recovered or (last is not None and last.epoch == read.position.epoch):
+            # Part of it is there (trimmed at the start): deliver what is, after the notice.
+            channel.position = read.position
+            return [frames.gap(channel.name), *read.frames]
+        # A new epoch (Redis lost its data): nothing of the old one to skip.
+        channel.position = None
+        return [frames.gap(channel.name)]
+
+
+def _covered(horizon: Position, frame: str, head: str) -> bool:
+    position = position_of(frame, head)
+    return position is not None and horizon.covers(position)

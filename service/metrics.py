@@ -66,6 +66,25 @@ class _StateCollector(Collector):
             "Channels this worker is subscribed to.",
             value=self._hub.channel_count,
         )
+        hub = self._hub
+        yield CounterMetricFamily(
+            "broadcast_gaps_filled",
+            "Interruptions of the worker's subscription to a channel that history covered.",
+            value=hub.gaps_filled,
+        )
+        yield CounterMetricFamily(
+            "broadcast_gaps",
+            "Interruptions history did not cover: the channel's subscribers got a `gap` frame.",
+            value=hub.gaps_reported,
+        )
+        resumes = CounterMetricFamily(
+            "broadcast_resumes",
+            "Subscriptions with `since`, by whether history reached back.",
+            labels=["recovered"],
+        )
+        resumes.add_metric(["true"], hub.resumes_recovered)
+        resumes.add_metric(["false"], hub.resumes_not_recovered)
+        yield resumes
         redis = self._broker.redis
         if redis is None:
             return
@@ -88,11 +107,6 @@ class _StateCollector(Collector):
             "broadcast_redis_deaf_detections",
             "Times the worker did not hear its own canary and rebuilt its subscription.",
             value=redis.deaf_detections,
-        )
-        yield CounterMetricFamily(
-            "broadcast_gaps",
-            "Channels whose subscribers were told messages may be missing (after a reconnect).",
-            value=redis.gaps_reported,
         )
         yield CounterMetricFamily(
             "broadcast_redis_dropped_payloads",

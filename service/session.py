@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from starlette.websockets import WebSocket
 
 from service.channels import validate_channel
 from service.connection import Connection
 from service.errors import BrokerUnavailable, ProtocolError, ServiceError
+from service.hub import Joined
 from service.protocol import frames
 from service.protocol.codes import CloseCode, ErrorCode
 from service.protocol.commands import (
@@ -54,8 +56,14 @@ class _ChannelSession(Connection):
         """Binary frames are answered with an error; the connection carries on."""
         self.send_error(ProtocolError(ErrorCode.BINARY_NOT_SUPPORTED, _BINARY_MESSAGE))
 
-    async def _join(self, channel: str, info: bytes | None) -> bool:
-        await self._rt.hub.join(channel, self)
+    async def _join(
+        self,
+        channel: str,
+        info: bytes | None,
+        since: str | None = None,
+        on_joined: Callable[[Joined], None] | None = None,
+    ) -> bool:
+        await self._rt.hub.join(channel, self, since, on_joined)
         if self.closing:
             # Closed while the subscription was being made: release() already ran.
             self._rt.hub.leave(channel, self)
@@ -111,17 +119,17 @@ class Session(_ChannelSession):
                     raise ProtocolError(
                         ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}", ref=ref
                     )
+
+                def reply(joined: Joined) -> None:
+                    # Called by the hub just before the channel's first frame can be queued.
+                    self.deliver(frames.subscribed(channel, ref, joined.recovered, joined.position))
+
                 try:
-                    joined = await self._join(channel, info)
+                    if not await self._join(channel, info, since, reply):
+                        return
                 except BrokerUnavailable as exc:
                     exc.ref = ref
                     raise
-                if not joined:
-                    return
-                # Queued before any message of the channel can be: no await since join.
-                # History is not kept yet, so a `since` can never be honoured: say so.
-                recovered = False if since is not None else None
-                self.deliver(frames.subscribed(channel, ref, recovered))
                 if info is not None:
                     await self._announce("join", channel, info)
             case Unsubscribe(channel, ref):

@@ -76,6 +76,23 @@ class Settings(BaseSettings):
         1_048_576,
         description="Characters queued for one client before it is closed as a slow consumer.",
     )
+    history_size: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        100,
+        description=(
+            "Messages kept per channel for clients that resume with `since` (Redis trims "
+            "approximately, keeping up to about 100 more). 0 turns history off."
+        ),
+    )
+    history_ttl: PositiveInt = Field(
+        300, description="Seconds a channel's history is kept after its last message."
+    )
+    history_meta_ttl: PositiveInt = Field(
+        604_800,
+        description=(
+            "Seconds a channel's id counter and epoch are kept after it was last used; past "
+            "that its ids start a new epoch and older ids no longer resume."
+        ),
+    )
     ws_ping_interval: PositiveFloat = Field(
         20.0, description="Seconds between server pings to each client."
     )
@@ -153,6 +170,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MAX_DATA_BYTES must be smaller than MAX_FRAME_BYTES so that a frame "
                 "carrying the largest allowed data still fits"
+            )
+        if self.history_meta_ttl < self.history_ttl:
+            raise ValueError(
+                "HISTORY_META_TTL must be at least HISTORY_TTL: the ids of kept messages must "
+                "stay valid as long as the messages"
             )
         return self
 

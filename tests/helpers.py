@@ -45,6 +45,11 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
+def seq_of(message_id: str) -> int:
+    """The sequence number in a message id (`<epoch>:<seq>`); tests may look inside ids."""
+    return int(message_id.rpartition(":")[2])
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout` units."""
     deadline = time.monotonic() + timeout * UNIT

@@ -1,4 +1,4 @@
-"""HTTP publishing: `POST /api/channels/{channel}/messages` with `{"data": ...}`."""
+"""HTTP API: publish (`POST /api/channels/{channel}/messages`) and read history."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 
 from service.api.deps import get_runtime
+from service.broker import HistoryRead, Position
 from service.channels import validate_channel
 from service.errors import ProtocolError
 from service.protocol.codes import ErrorCode
@@ -15,6 +17,9 @@ from service.protocol.commands import encode_json_value
 from service.runtime import Runtime
 
 router = APIRouter(prefix="/api")
+
+_DEFAULT_HISTORY_LIMIT = 100
+_MAX_HISTORY_LIMIT = 1000
 
 _BODY_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -70,3 +75,47 @@ async def _read_body(request: Request, limit: int) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+@router.get("/channels/{channel}/history")
+async def history(
+    channel: str,
+    runtime: Annotated[Runtime, Depends(get_runtime)],
+    since: str | None = None,
+    limit: str | None = None,
+) -> Response:
+    """The channel's kept messages, oldest first: the latest `limit`, or those after `since`.
+
+    `position` is the id of the channel's latest message; with `since`, `recovered` says
+    whether the messages start right after it (false: history does not reach back).
+    """
+    validate_channel(channel, runtime.limits.max_channel_length)
+    count = _parse_limit(limit)
+    broker = runtime.broker
+    body: dict[str, Any] = {"channel": channel}
+    read: HistoryRead
+    if since is None:
+        read = await broker.history_latest(channel, count)
+    else:
+        read = await broker.history_after(channel, Position.parse(since), count)
+        body["recovered"] = read.recovered
+    body["position"] = str(read.position)
+    # Kept frames are whole `message` frames: hand back their id and data only.
+    body["messages"] = [_id_and_data(frame) for frame in read.frames]
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _parse_limit(text: str | None) -> int:
+    if text is None:
+        return _DEFAULT_HISTORY_LIMIT
+    if not text.isdecimal() or not 1 <= int(text) <= _MAX_HISTORY_LIMIT:
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME,
+            f"limit must be an integer from 1 to {_MAX_HISTORY_LIMIT}, got {text!r}",
+        )
+    return int(text)
+
+
+def _id_and_data(frame: str) -> dict[str, Any]:
+    message = orjson.loads(frame)
+    return {"id": message["id"], "data": message["data"]}

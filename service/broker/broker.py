@@ -1,34 +1,68 @@
-"""`Broker`: publish and subscribe through broadcaster, whichever backend is configured.
+"""`Broker`: publish, subscribe and read history, whichever backend is configured.
 
 broadcaster stays the pub/sub seam: every subscription goes through
 `Broadcast.subscribe`, backed by our `RedisBackend` for redis:// and rediss:// and by
-broadcaster's own `MemoryBackend` for memory://. Publishing a message also needs the id
-the backend assigned, which `Broadcast.publish` does not return, so that one call goes
-to the backend directly (or to a local counter for memory://).
+broadcaster's own `MemoryBackend` for memory://. Publishing a message also numbers it
+and keeps it in the channel's history, which `Broadcast.publish` cannot do, so that
+call goes to the history store (`RedisHistory`, or `MemoryHistory` for memory://).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from broadcaster import Broadcast
 from broadcaster._backends.memory import MemoryBackend
 from broadcaster._base import Subscriber, Unsubscribed
 
+from service.broker.history import HistoryRead, MemoryHistory, Position
 from service.broker.redis_backend import RedisBackend
+from service.broker.redis_history import RedisHistory
 from service.errors import BrokerUnavailable
-from service.protocol.frames import message_parts
 from service.settings import Settings
 
-__all__ = ["Broker", "Readiness", "Subscription", "Unsubscribed"]
+__all__ = ["Broker", "HistoryRead", "Position", "Readiness", "Subscription", "Unsubscribed"]
 
 _READINESS_PING_TIMEOUT = 2.0
 
 Subscription = Subscriber
+
+
+class _HistoryStore(Protocol):
+    async def publish(self, channel: str, data: bytes) -> str: ...
+
+    async def after(
+        self, channel: str, since: Position | None, limit: int | None
+    ) -> HistoryRead: ...
+
+    async def latest(self, channel: str, limit: int) -> HistoryRead: ...
+
+
+class _MemoryStore:
+    """memory://: history in this process, messages through broadcaster's MemoryBackend."""
+
+    def __init__(self, broadcast: Broadcast, settings: Settings) -> None:
+        self._broadcast = broadcast
+        self._history = MemoryHistory(
+            size=settings.history_size,
+            ttl=settings.history_ttl,
+            meta_ttl=settings.history_meta_ttl,
+        )
+
+    async def publish(self, channel: str, data: bytes) -> str:
+        message_id, frame = self._history.publish(channel, data)
+        await self._broadcast.publish(channel, frame)
+        return message_id
+
+    async def after(self, channel: str, since: Position | None, limit: int | None) -> HistoryRead:
+        return self._history.after(channel, since, limit)
+
+    async def latest(self, channel: str, limit: int) -> HistoryRead:
+        return self._history.latest(channel, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +78,10 @@ class Broker:
 
     def __init__(self, settings: Settings, worker_id: str) -> None:
         self._redis: RedisBackend | None = None
+        self._history: _HistoryStore
         if settings.backend_scheme == "memory":
             self._broadcast = Broadcast(backend=MemoryBackend(settings.broadcast_url))
+            self._history = _MemoryStore(self._broadcast, settings)
         else:
             self._redis = RedisBackend(
                 settings.broadcast_url,
@@ -58,9 +94,15 @@ class Broker:
                 canary_interval=settings.canary_interval,
                 canary_timeout=settings.canary_timeout,
             )
+            self._history = RedisHistory(
+                self._redis.client,
+                pubsub_key=self._redis.key,
+                prefix=settings.redis_prefix,
+                size=settings.history_size,
+                ttl=settings.history_ttl,
+                meta_ttl=settings.history_meta_ttl,
+            )
             self._broadcast = Broadcast(backend=self._redis)
-        # memory:// only: one process, so a local counter per channel gives the ids.
-        self._counters: dict[str, itertools.count[int]] = {}
 
     @property
     def redis(self) -> RedisBackend | None:
@@ -75,14 +117,18 @@ class Broker:
         await self._broadcast.disconnect()
 
     async def publish(self, channel: str, data: bytes) -> str:
-        """Publish `data` (JSON) to `channel` as a `message` frame; return its id."""
-        head, tail = message_parts(channel, data)
-        if self._redis is not None:
-            return await self._redis.publish_message(channel, head, tail)
-        counter = self._counters.setdefault(channel, itertools.count(1))
-        message_id = str(next(counter))
-        await self._broadcast.publish(channel, (head + message_id.encode() + tail).decode())
-        return message_id
+        """Publish `data` (JSON) to `channel` as a `message` frame, keep it; return its id."""
+        return await self._history.publish(channel, data)
+
+    async def history_after(
+        self, channel: str, since: Position | None, limit: int | None = None
+    ) -> HistoryRead:
+        """The channel's messages after `since` (all kept, or the first `limit`)."""
+        return await self._history.after(channel, since, limit)
+
+    async def history_latest(self, channel: str, limit: int) -> HistoryRead:
+        """The channel's last `limit` messages, oldest first (0: just its position)."""
+        return await self._history.latest(channel, limit)
 
     async def publish_event(self, channel: str, frame: str) -> None:
         """Publish a ready frame that carries no id (join/leave)."""

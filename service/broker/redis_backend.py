@@ -14,8 +14,8 @@ This backend keeps broadcaster's `BroadcastBackend` interface, but:
   it catches every error, so it cannot end while the backend is open.
 * A watchdog pings the pub/sub connection when it is silent and rebuilds it when no
   reply comes in time, which `health_check_interval` does not do for a frozen Redis.
-* Publishing a message is one Lua script: it takes the next id of the channel and
-  PUBLISHes the frame with that id spliced in, so ids agree on every worker.
+* After a reconnect, each channel that was live gets `SUBSCRIPTION_INTERRUPTED` in its
+  stream once it is confirmed again, so the hub can fill the gap from history.
 """
 
 from __future__ import annotations
@@ -37,28 +37,13 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from service.broker.canary import Canary
 from service.errors import BrokerUnavailable
-from service.protocol.frames import gap
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1]: the channel's id counter; KEYS[2]: this publish's token.
-# ARGV: frame head, frame tail, counter TTL, pub/sub channel, token TTL.
-# The token makes a retried call (the connection broke after Redis ran the script but
-# before its reply arrived) return the first call's id instead of publishing twice.
-# The counter outlives the channel's last message by its TTL so that ids keep increasing
-# while anyone may still hold one; an abandoned channel costs Redis nothing after that.
-_PUBLISH_SCRIPT = """
-local done = redis.call('GET', KEYS[2])
-if done then return tonumber(done) end
-local id = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], id, 'EX', ARGV[5])
-redis.call('PUBLISH', ARGV[4], ARGV[1] .. id .. ARGV[2])
-return id
-"""
-_COUNTER_TTL_SECONDS = 7 * 24 * 3600
-# Longer than every retry of one call can take (connection errors only, backoff <= 0.5 s).
-_PUBLISH_TOKEN_TTL_SECONDS = 10
+#: Queued on a channel's subscription where it was interrupted: messages published
+#: between the previous item and the next may not have reached this worker. Not a frame
+#: (it is not JSON), so nothing published through the service can look like it.
+SUBSCRIPTION_INTERRUPTED = "\x00interrupted"
 # Log the first non-UTF-8 payload, then one in this many.
 _DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
@@ -116,7 +101,6 @@ class RedisBackend(BroadcastBackend):
                 supported_errors=(RedisConnectionError,),
             ),
         )
-        self._publish_script = self._client.register_script(_PUBLISH_SCRIPT)
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         # channel name -> set once Redis confirmed our latest SUBSCRIBE to it
         self._wanted: dict[str, asyncio.Event] = {}
@@ -128,8 +112,8 @@ class RedisBackend(BroadcastBackend):
         # it: while any is left, the worker is deaf to them (readiness is false). A channel
         # subscribed later is not counted: its subscriber waits for it, nobody else does.
         self._resubscribing: set[str] = set()
-        # Channels that were live when the connection broke: their subscribers get a `gap`
-        # frame once the channel is confirmed again, in stream order.
+        # Channels that were live when the connection broke: SUBSCRIPTION_INTERRUPTED goes
+        # into their stream once the channel is confirmed again.
         self._gaps: set[str] = set()
         self._conn: AbstractConnection | None = None
         self._generation = 0
@@ -151,7 +135,6 @@ class RedisBackend(BroadcastBackend):
         self.deaf_detections = 0
         self.reconnects = 0
         self.dropped_payloads = 0
-        self.gaps_reported = 0
         self.last_error = "not connected yet"
 
     # -- broadcaster's interface ------------------------------------------------------
@@ -171,7 +154,7 @@ class RedisBackend(BroadcastBackend):
 
     async def subscribe(self, channel: str) -> None:
         """Want `channel`; sent now if connected, else when the reader reconnects."""
-        key = self._key(channel)
+        key = self.key(channel)
         self._wanted[channel] = asyncio.Event()
         self._names[key] = channel
         await self._send("SUBSCRIBE", key, channel=channel)
@@ -182,14 +165,14 @@ class RedisBackend(BroadcastBackend):
             return
         self._resubscribing.discard(channel)
         self._gaps.discard(channel)
-        key = self._key(channel)
+        key = self.key(channel)
         self._names.pop(key, None)
         await self._send("UNSUBSCRIBE", key)
 
     async def publish(self, channel: str, message: Any) -> None:
         """PUBLISH a ready frame (used for join/leave events, which carry no id)."""
         try:
-            await self._client.publish(self._key(channel), message)
+            await self._client.publish(self.key(channel), message)
         except RedisError as exc:
             raise BrokerUnavailable(f"Redis did not accept the event: {exc}") from exc
 
@@ -199,24 +182,14 @@ class RedisBackend(BroadcastBackend):
 
     # -- what the broker adds ---------------------------------------------------------
 
-    async def publish_message(self, channel: str, head: bytes, tail: bytes) -> str:
-        """Give the message the channel's next id and publish `head + id + tail`; return the id."""
-        counter = self._prefix.encode() + b"seq:" + channel.encode()
-        token = self._prefix.encode() + b"pub:" + os.urandom(12).hex().encode()
-        try:
-            message_id = await self._publish_script(
-                keys=[counter, token],
-                args=[
-                    head,
-                    tail,
-                    _COUNTER_TTL_SECONDS,
-                    self._key(channel),
-                    _PUBLISH_TOKEN_TTL_SECONDS,
-                ],
-            )
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis did not accept the message: {exc}") from exc
-        return str(message_id)
+    @property
+    def client(self) -> Redis:
+        """The client for commands (not pub/sub), shared with the history store."""
+        return self._client
+
+    def key(self, channel: str) -> bytes:
+        """The Redis pub/sub channel of `channel`."""
+        return (self._prefix + channel).encode()
 
     async def wait_subscribed(self, channel: str) -> None:
         """Return once Redis confirmed the subscription to `channel` (at once if not wanted)."""
@@ -257,7 +230,7 @@ class RedisBackend(BroadcastBackend):
         conn = self._conn
         if conn is not None:
             # The reader's pending read fails on the closed connection; it reconnects,
-            # re-subscribes, and sends `gap` frames, as after any other break.
+            # re-subscribes, and marks the interruption, as after any other break.
             await conn.disconnect(nowait=True)
 
     def _canary_generation(self) -> int | None:
@@ -280,9 +253,6 @@ class RedisBackend(BroadcastBackend):
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
     # -- the reader ---------------------------------------------------------------------
-
-    def _key(self, channel: str) -> bytes:
-        return (self._prefix + channel).encode()
 
     async def _send(self, *args: bytes | str, channel: str | None = None) -> None:
         conn = self._conn
@@ -331,7 +301,7 @@ class RedisBackend(BroadcastBackend):
                 self._canary_subscribed = False
                 self._pending = dict.fromkeys(self._wanted, 1)
                 self._resubscribing = set(self._wanted)
-                keys = [self._key(channel) for channel in self._wanted]
+                keys = [self.key(channel) for channel in self._wanted]
                 await conn.send_command("SUBSCRIBE", self._canary_key, *keys, check_health=False)
                 if failures:
                     logger.warning("Redis pub/sub connection restored after %d failures", failures)
@@ -423,5 +393,4 @@ class RedisBackend(BroadcastBackend):
             if channel in self._gaps:
                 # Messages published while the connection was down never reached us.
                 self._gaps.discard(channel)
-                self.gaps_reported += 1
-                self._queue.put_nowait(Event(channel, gap(channel)))
+                self._queue.put_nowait(Event(channel, SUBSCRIPTION_INTERRUPTED))

@@ -28,8 +28,25 @@ def message_parts(channel: str, data: bytes) -> tuple[bytes, bytes]:
     The id is assigned in Redis; splicing it between these halves means the frame is
     encoded once, by the publisher, and forwarded byte for byte by every worker.
     """
-    head = b'{"type":"message","channel":' + orjson.dumps(channel) + b',"id":"'
-    return head, b'","data":' + data + b"}"
+    return message_head(channel).encode(), b'","data":' + data + b"}"
+
+
+def message_head(channel: str) -> str:
+    """The text every `message` frame of `channel` starts with, up to its id."""
+    return '{"type":"message","channel":' + orjson.dumps(channel).decode() + ',"id":"'
+
+
+def message_id_of(frame: str, head: str) -> str | None:
+    """The id of a `message` frame starting with `head` (see `message_head`), else None.
+
+    Reads the id where the encoder put it instead of parsing the frame: it runs once per
+    message on every worker.
+    """
+    if not frame.startswith(head):
+        return None
+    start = len(head)
+    end = frame.find('"', start)
+    return None if end < 0 else frame[start:end]
 
 
 def presence_event(kind: str, channel: str, info: bytes) -> str:
@@ -55,9 +72,13 @@ def welcome(worker: str) -> str:
     return _encode({"type": "welcome", "worker": worker, "protocol": PROTOCOL_VERSION}, None)
 
 
-def subscribed(channel: str, ref: Ref | None, recovered: bool | None = None) -> str:
-    """Reply to `subscribe`."""
+def subscribed(
+    channel: str, ref: Ref | None, recovered: bool | None = None, position: str | None = None
+) -> str:
+    """Reply to `subscribe`: `position` is the id after which its messages start."""
     frame: dict[str, Any] = {"type": "subscribed", "channel": channel}
+    if position is not None:
+        frame["position"] = position
     if recovered is not None:
         frame["recovered"] = recovered
     return _encode(frame, ref)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import Client, Worker, unique, wait_for
+from tests.helpers import Client, Worker, seq_of, unique, wait_for
 
 
 async def connect(worker: Worker) -> Client:
@@ -23,11 +23,14 @@ async def test_subscribe_publish_receive(worker: Worker) -> None:
     channel = unique("news")
     alice, bob = await connect(worker), await connect(worker)
     reply = await alice.subscribe(channel, ref=1)
-    assert reply == {"type": "subscribed", "channel": channel, "ref": 1}
+    # A fresh channel: its history starts now, before any message.
+    epoch = reply["position"].removesuffix(":0")
+    assert reply == {"type": "subscribed", "channel": channel, "position": f"{epoch}:0", "ref": 1}
     await bob.subscribe(channel)
     published = await bob.publish(channel, {"text": "hi"}, ref="p1")
     assert published["ref"] == "p1"
     assert published["channel"] == channel
+    assert published["id"] == f"{epoch}:1"
     expected = {
         "type": "message",
         "channel": channel,
@@ -40,12 +43,13 @@ async def test_subscribe_publish_receive(worker: Worker) -> None:
     await bob.close()
 
 
-async def test_ids_increase_per_channel(worker: Worker) -> None:
+async def test_ids_count_up_per_channel_within_one_epoch(worker: Worker) -> None:
     channel = unique("ids")
     client = await connect(worker)
-    ids = [int((await client.publish(channel, n))["id"]) for n in range(5)]
-    assert ids == sorted(ids)
-    assert len(set(ids)) == 5
+    ids = [(await client.publish(channel, n))["id"] for n in range(5)]
+    epochs = {message_id.rpartition(":")[0] for message_id in ids}
+    assert len(epochs) == 1
+    assert [seq_of(message_id) for message_id in ids] == [1, 2, 3, 4, 5]
     await client.close()
 
 

@@ -1,0 +1,173 @@
+"""Message ids, and what a read of a channel's history returns (whatever stores it).
+
+An id is `<epoch>:<seq>`. `seq` counts the channel's messages; `epoch` names the
+history they belong to and changes when that history was lost (Redis restarted without
+persistence, or the channel's metadata expired), so that an id from before the loss is
+never mistaken for a position in the new history: Centrifugo's offset and epoch, in one
+opaque string because the protocol has one `since`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from service.protocol.frames import message_id_of, message_parts
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A point in a channel's stream: after message `seq` of history `epoch`."""
+
+    epoch: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position | None:
+        """The position an id names, or None if this service did not make it."""
+        epoch, sep, seq = text.rpartition(":")
+        # isdecimal, not isdigit: int() refuses superscripts that isdigit accepts.
+        if not sep or not epoch or not seq.isdecimal() or len(seq) > 19:
+            return None
+        return cls(epoch, int(seq))
+
+    def covers(self, other: Position) -> bool:
+        """True if `other` is this position or before it in the same history."""
+        return other.epoch == self.epoch and other.seq <= self.seq
+
+
+def new_epoch() -> str:
+    """A fresh epoch name: 8 random base-32 characters (40 bits)."""
+    value = int.from_bytes(os.urandom(5), "big")
+    alphabet = "0123456789abcdefghijklmnopqrstuv"
+    return "".join(alphabet[(value >> shift) & 31] for shift in range(35, -1, -5))
+
+
+def position_of(frame: str, head: str) -> Position | None:
+    """The position of a `message` frame of the channel whose frames start with `head`.
+
+    None for other frames of the channel (join, leave, gap), which are not in history.
+    """
+    message_id = message_id_of(frame, head)
+    return None if message_id is None else Position.parse(message_id)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """One atomic read of a channel's history.
+
+    `position` is the channel's latest message when read (seq 0 before the first one).
+    `frames` are `message` frames, oldest first. `recovered` (reads after a position
+    only) is True when `frames` start right after that position: nothing between it and
+    the first frame is missing. `complete` is True when, moreover, they reach `position`.
+    """
+
+    position: Position
+    frames: Sequence[str]
+    recovered: bool = False
+    complete: bool = False
+
+
+def read_after(
+    epoch: str, top: int, entries: Sequence[tuple[int, str]], since: Position | None
+) -> HistoryRead:
+    """Judge `entries` (seq, frame), read from the first seq after `since` onwards."""
+    position = Position(epoch, top)
+    if since is None or since.epoch != epoch or since.seq > top:
+        return HistoryRead(position, [frame for _, frame in entries])
+    if since.seq == top:
+        return HistoryRead(position, [], recovered=True, complete=True)
+    recovered = bool(entries) and entries[0][0] == since.seq + 1
+    complete = recovered and entries[-1][0] == top
+    return HistoryRead(position, [frame for _, frame in entries], recovered, complete)
+
+
+class _MemoryChannel:
+    __slots__ = ("entries", "epoch", "last_published", "last_used", "seq")
+
+    def __init__(self, size: int, now: float) -> None:
+        # Per channel, so that a channel forgotten and used again starts a new history
+        # rather than repeating the ids of the old one.
+        self.epoch = new_epoch()
+        self.seq = 0
+        self.entries: deque[tuple[int, str]] = deque(maxlen=size)
+        self.last_published = now
+        self.last_used = now
+
+
+class MemoryHistory:
+    """History of memory:// (one process): ids and kept frames per channel, in process.
+
+    Epochs live in the process, so a restart starts every channel's history anew, as a
+    Redis restart without persistence does. A channel unused for `meta_ttl` seconds is
+    forgotten (checked whenever some channel is published to).
+    """
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        ttl: float,
+        meta_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._size = size
+        self._ttl = ttl
+        self._meta_ttl = meta_ttl
+        self._clock = clock
+        self._channels: dict[str, _MemoryChannel] = {}
+        self._next_sweep = clock() + meta_ttl
+
+    def publish(self, channel: str, data: bytes) -> tuple[str, str]:
+        """Assign the next id, keep the frame; return (id, frame)."""
+        state = self._touch(channel)
+        state.seq += 1
+        state.last_published = state.last_used
+        message_id = f"{state.epoch}:{state.seq}"
+        head, tail = message_parts(channel, data)
+        frame = (head + message_id.encode() + tail).decode()
+        if self._size:
+            state.entries.append((state.seq, frame))
+        self._sweep()
+        return message_id, frame
+
+    def after(self, channel: str, since: Position | None, limit: int | None) -> HistoryRead:
+        """Messages after `since` (at most `limit`), judged as `read_after` does."""
+        state = self._touch(channel)
+        entries: list[tuple[int, str]] = []
+        if since is not None and since.epoch == state.epoch:
+            entries = [entry for entry in state.entries if entry[0] > since.seq]
+            if limit is not None:
+                entries = entries[:limit]
+        return read_after(state.epoch, state.seq, entries, since)
+
+    def latest(self, channel: str, limit: int) -> HistoryRead:
+        """The channel's last `limit` messages, oldest first."""
+        state = self._touch(channel)
+        entries = list(state.entries)[-limit:] if limit else []
+        return HistoryRead(Position(state.epoch, state.seq), [frame for _, frame in entries])
+
+    def _touch(self, channel: str) -> _MemoryChannel:
+        now = self._clock()
+        state = self._channels.get(channel)
+        if state is None or now - state.last_used > self._meta_ttl:
+            state = self._channels[channel] = _MemoryChannel(self._size, now)
+        elif now - state.last_published > self._ttl:
+            state.entries.clear()  # the history expired; the ids carry on
+        state.last_used = now
+        return state
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._meta_ttl
+        stale = [name for name, s in self._channels.items() if now - s.last_used > self._meta_ttl]
+        for name in stale:
+            del self._channels[name]

@@ -1,0 +1,154 @@
+"""Ids, history and publishing of messages in Redis: one Lua script per operation.
+
+Per channel, two keys (hash-tagged by channel, so both land in one Cluster slot):
+
+* `<prefix>meta:{<channel>}`, a hash: `epoch` (names this history) and `seq` (the last
+  id given). It outlives the stream by `meta_ttl`, so that ids keep increasing while
+  anyone may still hold one.
+* `<prefix>history:{<channel>}`, a stream of the last frames, with entry ids
+  `<seq>-0`: reading "after seq N" is one XRANGE, and a gap shows as a missing seq.
+
+Publishing runs in one script, so a message is numbered, kept and published at once
+(or not at all), and every worker forwards the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from redis.typing import EncodableT
+
+from service.broker.history import HistoryRead, Position, new_epoch, read_after
+from service.errors import BrokerUnavailable
+from service.protocol.frames import message_parts
+
+# KEYS: meta hash, stream, this publish's token.
+# ARGV: frame head, frame tail, pub/sub channel, candidate epoch, history size,
+#       history TTL, meta TTL, token TTL.
+# The token makes a retried call (the connection broke after Redis ran the script but
+# before its reply arrived) return the first call's id instead of publishing twice.
+# A new epoch means the old history is meaningless (and its entry ids could collide).
+_PUBLISH = """
+local done = redis.call('GET', KEYS[3])
+if done then return done end
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[4]) == 1 then redis.call('DEL', KEYS[2]) end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+local id = redis.call('HGET', KEYS[1], 'epoch') .. ':' .. seq
+local frame = ARGV[1] .. id .. ARGV[2]
+if tonumber(ARGV[5]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'f', frame)
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+redis.call('SET', KEYS[3], id, 'EX', ARGV[8])
+redis.call('PUBLISH', ARGV[3], frame)
+return id
+"""
+
+# KEYS: meta hash, stream.
+# ARGV: candidate epoch, meta TTL, mode ('after' or 'latest'), epoch of `since`,
+#       first entry id to read, count (0: none; -1: all).
+# Starting an epoch here too means a channel's position is known before its first
+# message, so "after position E:0" covers it from the very start.
+_READ = """
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then redis.call('DEL', KEYS[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local top = redis.call('HGET', KEYS[1], 'seq') or '0'
+local count = tonumber(ARGV[6])
+local entries = {}
+if count ~= 0 then
+  if ARGV[3] == 'latest' then
+    entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
+  elseif ARGV[4] == epoch then
+    if count > 0 then
+      entries = redis.call('XRANGE', KEYS[2], ARGV[5], '+', 'COUNT', count)
+    else
+      entries = redis.call('XRANGE', KEYS[2], ARGV[5], '+')
+    end
+  end
+end
+return {epoch, top, entries}
+"""
+
+# Longer than every retry of one call can take (connection errors only, backoff <= 0.5 s).
+_PUBLISH_TOKEN_TTL_SECONDS = 10
+
+
+class RedisHistory:
+    """Publishes messages with their ids and history, and reads that history back."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        pubsub_key: Callable[[str], bytes],
+        prefix: str,
+        size: int,
+        ttl: int,
+        meta_ttl: int,
+    ) -> None:
+        self._pubsub_key = pubsub_key
+        self._prefix = prefix
+        self._size = size
+        self._ttl = ttl
+        self._meta_ttl = meta_ttl
+        self._publish = client.register_script(_PUBLISH)
+        self._read = client.register_script(_READ)
+
+    async def publish(self, channel: str, data: bytes) -> str:
+        """Number `data`'s `message` frame, keep it and PUBLISH it; return its id."""
+        head, tail = message_parts(channel, data)
+        meta, stream = self._keys(channel)
+        token = f"{self._prefix}pub:{{{channel}}}:{os.urandom(12).hex()}"
+        key = self._pubsub_key(channel)
+        args: list[EncodableT] = [head, tail, key, new_epoch(), self._size, self._ttl]
+        args += [self._meta_ttl, _PUBLISH_TOKEN_TTL_SECONDS]
+        try:
+            message_id = await self._publish(keys=[meta, stream, token], args=args)
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis did not accept the message: {exc}") from exc
+        return _text(message_id)
+
+    async def after(self, channel: str, since: Position | None, limit: int | None) -> HistoryRead:
+        """The messages after `since` (all of them, or the first `limit`)."""
+        if since is None:
+            since_epoch, first = "", "-"
+        else:
+            since_epoch, first = since.epoch, f"{since.seq + 1}-0"
+        count = -1 if limit is None else limit
+        epoch, top, entries = await self._run(channel, "after", since_epoch, first, count)
+        return read_after(epoch, top, entries, since)
+
+    async def latest(self, channel: str, limit: int) -> HistoryRead:
+        """The last `limit` messages, oldest first (0: only the position)."""
+        epoch, top, entries = await self._run(channel, "latest", "", "", limit)
+        entries.reverse()
+        return HistoryRead(Position(epoch, top), [frame for _, frame in entries])
+
+    async def _run(
+        self, channel: str, mode: str, since_epoch: str, first: str, count: int
+    ) -> tuple[str, int, list[tuple[int, str]]]:
+        args: list[EncodableT] = [new_epoch(), self._meta_ttl, mode, since_epoch, first, count]
+        try:
+            epoch, top, raw = await self._read(keys=list(self._keys(channel)), args=args)
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis did not return the history: {exc}") from exc
+        return _text(epoch), int(top), [_entry(item) for item in raw]
+
+    def _keys(self, channel: str) -> tuple[str, str]:
+        return f"{self._prefix}meta:{{{channel}}}", f"{self._prefix}history:{{{channel}}}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(item: Any) -> tuple[int, str]:
+    # [b"<seq>-0", [b"f", b"<frame>"]]
+    entry_id, fields = item
+    return int(_text(entry_id).partition("-")[0]), _text(fields[1])
