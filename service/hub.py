@@ -88,6 +88,7 @@ class _Channel:
         "lock",
         "members",
         "name",
+        "pending",
         "position",
         "pump",
         "stack",
@@ -103,6 +104,9 @@ class _Channel:
         # attempt fails with it at once instead of each waiting a full timeout in turn.
         self.failure: str | None = None
         self.members: set[Member] = set()
+        # Resumed members whose history reached further than the pump has got yet: each
+        # skips the live copies up to its horizon, then becomes a plain member.
+        self.pending: dict[Member, Position] = {}
         self.lock = asyncio.Lock()
         self.stack: AsyncExitStack | None = None
         self.pump: asyncio.Task[None] | None = None
@@ -141,7 +145,7 @@ class Hub:
     def member_count(self, name: str) -> int:
         """Local members of channel `name`."""
         channel = self._channels.get(name)
-        return 0 if channel is None else len(channel.members)
+        return 0 if channel is None else len(channel.members) + len(channel.pending)
 
     async def join(
         self,
@@ -230,9 +234,11 @@ class Hub:
         # From here to the end nothing awaits: no frame can slip in between.
         channel.members.discard(catchup)
         live = catchup.frames
+        horizon: Position | None = None
         if read.complete:
             self.resumes_recovered += 1
             history = read.frames
+            horizon = read.position
             # Drop the live copies of what history already gave.
             live = [f for f in live if not _covered(read.position, f, channel.head)]
             joined = Joined(str(since), True)
@@ -250,7 +256,13 @@ class Hub:
                 member.deliver(frame)
         else:
             member.deliver_backlog(live)
-        channel.members.add(member)
+        last = channel.position
+        if horizon is not None and (last is None or not last.covers(horizon)):
+            # The read saw messages the pump has not handed out yet (their pub/sub copies
+            # are still on the way): they must not reach this member twice.
+            channel.pending[member] = horizon
+        else:
+            channel.members.add(member)
         return joined
 
     def leave(self, name: str, member: Member) -> None:
@@ -259,7 +271,13 @@ class Hub:
         if channel is None:
             return
         channel.members.discard(member)
-        if not channel.members and channel.pump is not None and channel.drop_task is None:
+        channel.pending.pop(member, None)
+        if (
+            not channel.members
+            and not channel.pending
+            and channel.pump is not None
+            and channel.drop_task is None
+        ):
             channel.drop_task = asyncio.create_task(self._drop_later(channel))
 
     async def close(self) -> None:
@@ -306,7 +324,11 @@ class Hub:
         await asyncio.sleep(self._linger)
         async with channel.lock:
             channel.drop_task = None
-            if channel.members or self._channels.get(channel.name) is not channel:
+            if (
+                channel.members
+                or channel.pending
+                or self._channels.get(channel.name) is not channel
+            ):
                 return
             self._forget(channel)
             await self._close(channel)
@@ -320,19 +342,35 @@ class Hub:
             frame = event.message
             if frame == SUBSCRIPTION_INTERRUPTED:
                 for missed in await self._catch_up(channel):
-                    self._fan_out(channel, missed)
-                continue
-            position = position_of(frame, channel.head)
-            if position is not None:
-                last = channel.position
-                if last is not None and last.covers(position):
-                    continue  # already delivered from history by a catch-up
-                channel.position = position
-            self._fan_out(channel, frame)
+                    self._forward(channel, missed)
+            else:
+                self._forward(channel, frame)
+
+    def _forward(self, channel: _Channel, frame: str) -> None:
+        position = position_of(frame, channel.head)
+        if position is not None:
+            last = channel.position
+            if last is not None and last.covers(position):
+                return  # already delivered from history by a catch-up
+            channel.position = position
+            if channel.pending:
+                self._promote(channel, position)
+        self._fan_out(channel, frame)
+
+    def _promote(self, channel: _Channel, position: Position) -> None:
+        """Make plain members of the resumed members that already have `position`'s past."""
+        for member, horizon in list(channel.pending.items()):
+            if not horizon.covers(position):
+                del channel.pending[member]
+                channel.members.add(member)
 
     def _fan_out(self, channel: _Channel, frame: str) -> None:
         # A snapshot: delivering may close a slow member, which leaves the channel.
+        # Resumed members still waiting for the pump to pass their horizon get only the
+        # frames that are not in history (join, leave, gap).
         members = tuple(channel.members)
+        if channel.pending and position_of(frame, channel.head) is None:
+            members += tuple(channel.pending)
         for member in members:
             # One broken member must neither stop the fan-out nor end the pump.
             try:
@@ -345,11 +383,11 @@ class Hub:
     async def _catch_up(self, channel: _Channel) -> Sequence[str]:
         """What the channel missed while the subscription was interrupted, from history.
 
-        Live messages keep queueing behind this read; the pump skips those it returns.
+        Live messages keep queueing behind this read; as the returned frames go out, the
+        channel's position moves past them and the pump skips their live copies.
         """
-        last = channel.position
         try:
-            read = await self._broker.history_after(channel.name, last)
+            read = await self._broker.history_after(channel.name, channel.position)
         except BrokerUnavailable as exc:
             logger.warning("history of %r unreadable after an interruption: %s", channel.name, exc)
             self.gaps_reported += 1
@@ -357,17 +395,14 @@ class Hub:
             return [frames.gap(channel.name)]
         if read.complete:
             self.gaps_filled += 1
-            channel.position = read.position
             return read.frames
         self.gaps_reported += 1
         logger.info("history of %r does not cover an interruption: sending a gap", channel.name)
-        if read.recovered or (last is not None and last.epoch == read.position.epoch):
-            # Part of it is there (trimmed at the start): deliver what is, after the notice.
-            channel.position = read.position
-            return [frames.gap(channel.name), *read.frames]
-        # A new epoch (Redis lost its data): nothing of the old one to skip.
-        channel.position = None
-        return [frames.gap(channel.name)]
+        if channel.position is not None and channel.position.epoch != read.position.epoch:
+            # A new epoch (Redis lost its data): nothing of the old one to skip.
+            channel.position = None
+        # Whatever part of it history still has (it was trimmed) follows the notice.
+        return [frames.gap(channel.name), *read.frames]
 
 
 def _covered(horizon: Position, frame: str, head: str) -> bool:

@@ -155,7 +155,8 @@ class StubbornClient:
         # The only time this client writes after the handshake.
         self.protocol.send_text(json.dumps({"type": "subscribe", "channel": channel}).encode())
         await self._flush()
-        assert await self.recv() == {"type": "subscribed", "channel": channel}
+        reply = await self.recv()
+        assert (reply["type"], reply["channel"]) == ("subscribed", channel), reply
 
     async def wait_eof(self, timeout: float = 5.0) -> list[Frame]:
         """Read (without answering) until the server closes TCP; return the frames read."""

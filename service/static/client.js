@@ -1,0 +1,338 @@
+// BroadcastClient: protocol v1 (docs/protocol.md) over one WebSocket at a time, with
+// reconnection, worker failover and resume, as docs/clients.md describes.
+//
+//   import { BroadcastClient } from "/static/client.js";
+//   const client = new BroadcastClient([`ws://${location.host}/ws`]);
+//   client.addEventListener("message", (e) => show(e.detail.channel, e.detail.data));
+//   client.subscribe("chat:lobby");
+//   client.connect();
+//
+// An ES module with no dependencies and no build step: it is served as is.
+
+// 1005 and 1006 are never sent by a server: the browser reports them for a connection
+// that closed without a status or broke (a killed worker, a failed attempt).
+const RECONNECT_CODES = new Set([1001, 1005, 1006, 1011, 1012, 1013, 1014]);
+const SERVICE_RESTART = 1012;
+const TRY_AGAIN_LATER = 1013;
+const TRY_AGAIN_LATER_BASE = 1000;
+// Not a code a server sends: the browser's way of saying an attempt failed or a
+// connection broke, which it does not tell apart.
+const ABNORMAL_CLOSURE = 1006;
+
+/** An Error with the protocol error code (or "not_connected", "connection_lost"). */
+function clientError(code, message) {
+  const error = new Error(`${code}: ${message}`);
+  error.code = code;
+  return error;
+}
+
+/** `min(max, base * 2**n) * uniform(0.5, 1)`: jittered so that clients cut off together
+ * by a dying worker do not all come back in the same instant. */
+function backoff(n, base, max) {
+  return Math.min(max, base * 2 ** n) * (0.5 + Math.random() / 2);
+}
+
+export class BroadcastClient extends EventTarget {
+  #urls;
+  #minDelay;
+  #maxDelay;
+  #openTimeout;
+  #state = "closed";
+  #worker = null;
+  #running = false;
+  #socket = null;
+  #urlIndex = 0;
+  #ready = false; // the current connection received `welcome`: commands may go out
+  #attempt = 0; // retries since the last `welcome`
+  #cause = null; // the last close code the server sent since then
+  #timer = null;
+  #openTimer = null;
+  #nextRef = 1;
+  // ref -> {kind, channel, entry?, resolve?, reject?}; refs are never reused, so a
+  // reply can never be taken for that of a later command.
+  #replies = new Map();
+  // channel -> {info, last, confirmed, onServer, retries, timer}: `last` (where to
+  // resume) and `confirmed` (subscribed once) outlive connections; the rest describes
+  // the subscription on the current one.
+  #channels = new Map();
+
+  /**
+   * @param {string | string[]} urls one URL (a load balancer) or a list of workers
+   * @param {{minDelay?: number, maxDelay?: number, openTimeout?: number}} options in ms
+   */
+  constructor(urls, { minDelay = 250, maxDelay = 10000, openTimeout = 5000 } = {}) {
+    super();
+    this.#urls = typeof urls === "string" ? [urls] : [...urls];
+    if (this.#urls.length === 0) throw new TypeError("BroadcastClient needs at least one URL");
+    for (const url of this.#urls) {
+      // Checked here, because a bad URL found later, in a timer, would throw where
+      // nobody can catch it.
+      if (!/^wss?:$/.test(new URL(url).protocol)) throw new TypeError(`not a ws(s) URL: ${url}`);
+    }
+    this.#minDelay = minDelay;
+    this.#maxDelay = maxDelay;
+    this.#openTimeout = openTimeout;
+  }
+
+  /** "connecting", "open" (a `welcome` came), "reconnecting" or "closed". */
+  get state() {
+    return this.#state;
+  }
+
+  /** The worker id of the last `welcome`. */
+  get worker() {
+    return this.#worker;
+  }
+
+  /** Start connecting, and keep reconnecting until close() or a final close code. */
+  connect() {
+    if (this.#running) return;
+    this.#running = true;
+    this.#attempt = 0;
+    this.#cause = null;
+    this.#open();
+  }
+
+  /** Close with 1000 and stop reconnecting. */
+  close() {
+    this.#running = false;
+    clearTimeout(this.#timer);
+    this.#timer = null;
+    const socket = this.#socket;
+    if (socket) {
+      this.#dropped(socket, 1000, "closed by the client");
+      socket.close(1000);
+    } else if (this.#state !== "closed") {
+      this.#setState("closed", { code: 1000, reason: "closed by the client" });
+    }
+  }
+
+  /**
+   * Subscribe to `channel` now if connected, and again after every reconnect. On a
+   * channel already subscribed, only replaces the `info` sent on the next resubscribe.
+   */
+  subscribe(channel, { info } = {}) {
+    const entry = this.#channels.get(channel);
+    if (entry) {
+      entry.info = info;
+      return;
+    }
+    const fresh = { info, last: undefined, confirmed: false, onServer: false, retries: 0 };
+    this.#channels.set(channel, fresh);
+    if (this.#ready) this.#sendSubscribe(channel, fresh);
+  }
+
+  /** Stop receiving `channel` and forget it (its position too). */
+  unsubscribe(channel) {
+    const entry = this.#channels.get(channel);
+    if (!entry) return;
+    this.#channels.delete(channel);
+    clearTimeout(entry.timer);
+    // Also when the subscribe is still unanswered: the server may be completing it.
+    if (entry.onServer) {
+      const ref = this.#nextRef++;
+      this.#replies.set(ref, { kind: "unsubscribe", channel });
+      this.#send({ type: "unsubscribe", channel, ref });
+    }
+  }
+
+  /** A Promise of the id Redis gave the message. Nothing is queued while disconnected. */
+  publish(channel, data) {
+    if (!this.#ready) {
+      return Promise.reject(clientError("not_connected", "not connected"));
+    }
+    const ref = this.#nextRef++;
+    return new Promise((resolve, reject) => {
+      this.#replies.set(ref, { kind: "publish", channel, resolve, reject });
+      this.#send({ type: "publish", channel, data, ref });
+    });
+  }
+
+  #emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  #setState(state, extra = {}) {
+    this.#state = state;
+    this.#emit("state", { state, code: undefined, reason: undefined, delay: undefined, ...extra });
+  }
+
+  #send(frame) {
+    if (this.#socket?.readyState === WebSocket.OPEN) this.#socket.send(JSON.stringify(frame));
+  }
+
+  #open() {
+    this.#timer = null;
+    const url = this.#urls[this.#urlIndex];
+    this.#setState("connecting", { url });
+    let socket;
+    try {
+      socket = new WebSocket(url);
+    } catch (error) {
+      // Refused before any traffic (ws:// from an https page): a failed attempt like
+      // any other, and the next URL may do better. Thrown on, it would kill the timer.
+      this.#socket = socket = { close() {} };
+      return this.#dropped(socket, ABNORMAL_CLOSURE, String(error));
+    }
+    this.#socket = socket;
+    socket.onmessage = (event) => this.#onFrame(socket, event.data);
+    socket.onclose = (event) => this.#dropped(socket, event.code, event.reason);
+    // A host that swallows packets would hold an attempt for minutes, never failing
+    // over to the next URL; a server that accepts but never says `welcome` is no better.
+    this.#openTimer = setTimeout(() => {
+      this.#dropped(socket, 1006, "no welcome in time");
+      socket.close();
+    }, this.#openTimeout);
+  }
+
+  // The end of `socket`, whether the server, the network, a timeout or close() ended it.
+  #dropped(socket, code, reason) {
+    if (socket !== this.#socket) return; // already handled
+    this.#socket = null;
+    this.#ready = false;
+    socket.onmessage = socket.onclose = null;
+    clearTimeout(this.#openTimer);
+    for (const entry of this.#channels.values()) {
+      clearTimeout(entry.timer);
+      Object.assign(entry, { onServer: false, retries: 0, timer: undefined });
+    }
+    const replies = [...this.#replies.values()];
+    this.#replies.clear();
+    for (const reply of replies) {
+      // The message may or may not have been published: only the caller can tell.
+      reply.reject?.(clientError("connection_lost", `connection closed (${code}) before the reply`));
+    }
+    if (!this.#running || !RECONNECT_CODES.has(code)) {
+      this.#running = false;
+      this.#setState("closed", { code, reason });
+      return;
+    }
+    if (code !== ABNORMAL_CLOSURE) this.#cause = code;
+    const base =
+      this.#cause === TRY_AGAIN_LATER
+        ? Math.max(TRY_AGAIN_LATER_BASE, this.#minDelay)
+        : this.#minDelay;
+    // A worker shutting down (1012) is no reason to wait: another one is up. Only the
+    // first retry, though, so that a balancer routing back to it cannot make a busy loop.
+    const delay =
+      this.#cause === SERVICE_RESTART && this.#attempt === 0
+        ? 0
+        : backoff(this.#attempt, base, this.#maxDelay);
+    this.#attempt += 1;
+    this.#urlIndex = (this.#urlIndex + 1) % this.#urls.length;
+    this.#setState("reconnecting", { code, reason, delay });
+    this.#timer = setTimeout(() => this.#open(), delay);
+  }
+
+  #onFrame(socket, text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return; // the server sends only JSON text; anything else is not ours to judge
+    }
+    if (frame === null || typeof frame !== "object") return;
+    const { channel } = frame;
+    // Frames are passed on as they come, even for a channel just unsubscribed: the
+    // server promises each message once and in order, and a bug there should show.
+    switch (frame.type) {
+      case "welcome":
+        return this.#onWelcome(socket, frame);
+      case "subscribed":
+        return this.#onSubscribed(frame);
+      case "message": {
+        const entry = this.#channels.get(channel);
+        if (entry) entry.last = frame.id;
+        return this.#emit("message", { channel, id: frame.id, data: frame.data });
+      }
+      case "gap":
+        return this.#emit("lost", { channel, reason: "gap" });
+      case "join":
+      case "leave":
+        return this.#emit(frame.type, { channel, info: frame.info });
+      case "published": {
+        const reply = this.#takeReply(frame.ref, "publish");
+        return reply?.resolve(frame.id);
+      }
+      case "error":
+        return this.#onError(socket, frame);
+      default:
+        return; // unsubscribed, pong, and frame types of later protocol versions
+    }
+  }
+
+  #takeReply(ref, kind) {
+    const reply = this.#replies.get(ref);
+    if (reply?.kind !== kind) return undefined;
+    this.#replies.delete(ref);
+    return reply;
+  }
+
+  #onWelcome(socket, frame) {
+    clearTimeout(this.#openTimer);
+    this.#ready = true;
+    this.#attempt = 0;
+    this.#cause = null;
+    this.#worker = frame.worker;
+    // Listeners run before the resubscribes go out, so a `welcome` listener can still
+    // change a channel's `info` (the demo page announces the worker it is on).
+    this.#emit("welcome", { worker: frame.worker });
+    if (socket !== this.#socket) return; // a listener closed the client
+    this.#setState("open");
+    if (socket !== this.#socket) return;
+    for (const [channel, entry] of this.#channels) this.#sendSubscribe(channel, entry);
+  }
+
+  #sendSubscribe(channel, entry) {
+    const ref = this.#nextRef++;
+    entry.onServer = true;
+    this.#replies.set(ref, { kind: "subscribe", channel, entry });
+    const frame = { type: "subscribe", channel, ref };
+    if (entry.info !== undefined && entry.info !== null) frame.info = entry.info;
+    if (entry.last !== undefined) frame.since = entry.last;
+    this.#send(frame);
+  }
+
+  #onSubscribed(frame) {
+    const { channel, recovered, position } = frame;
+    const reply = this.#takeReply(frame.ref, "subscribe");
+    this.#emit("subscribed", { channel, recovered, position });
+    const entry = reply?.entry;
+    if (!entry || this.#channels.get(channel) !== entry) return; // unsubscribed meanwhile
+    const resubscribed = entry.confirmed;
+    Object.assign(entry, { confirmed: true, retries: 0 });
+    // The id just before the first message this subscription sends: resuming from it
+    // misses nothing even if no message comes before the next disconnection.
+    if (position !== undefined) entry.last = position;
+    // Resubscribed without `since` (a server that gave no position, and no message
+    // came): nothing can say what was missed meanwhile.
+    if (recovered === false || (resubscribed && recovered === undefined)) {
+      this.#emit("lost", { channel, reason: "not_recovered" });
+    }
+  }
+
+  #onError(socket, frame) {
+    const { code, message } = frame;
+    const reply = frame.ref === undefined ? undefined : this.#replies.get(frame.ref);
+    if (reply) this.#replies.delete(frame.ref);
+    if (reply?.kind === "publish") return reply.reject(clientError(code, message));
+    const channel = reply?.channel;
+    this.#emit("error", { code, message, channel });
+    const entry = reply?.kind === "subscribe" ? reply.entry : undefined;
+    if (!entry || this.#channels.get(channel) !== entry) return;
+    entry.onServer = false;
+    if (code !== "unavailable") {
+      // Refused for good (an invalid name, an oversized info): every retry would be too.
+      this.#channels.delete(channel);
+      return;
+    }
+    // Redis is out of reach from this worker; the connection itself is fine.
+    const delay = backoff(entry.retries++, this.#minDelay, this.#maxDelay);
+    entry.timer = setTimeout(() => {
+      entry.timer = undefined;
+      if (this.#socket === socket && this.#channels.get(channel) === entry) {
+        this.#sendSubscribe(channel, entry);
+      }
+    }, delay);
+  }
+}

@@ -1,0 +1,206 @@
+"""Message ids, history reads, and the hub's resume and gap filling, on memory://."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import orjson
+import pytest
+
+from service.broker import SUBSCRIPTION_INTERRUPTED, Broker, Position
+from service.broker.history import MemoryHistory, read_after
+from service.hub import Hub, Joined
+from service.settings import Settings
+from tests.helpers import async_wait_for
+
+
+class Recorder:
+    """A member that records frames, and which of them came as a backlog."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.backlog: list[str] = []
+
+    def deliver(self, frame: str) -> None:
+        self.frames.append(frame)
+
+    def deliver_backlog(self, frames: Sequence[str]) -> None:
+        self.backlog.extend(frames)
+        self.frames.extend(frames)
+
+    def data(self) -> list[object]:
+        return [orjson.loads(f).get("data") for f in self.frames]
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    settings = Settings.model_validate({"history_size": 5})
+    async with Broker(settings, "test") as broker:
+        yield broker
+
+
+def test_ids_parse_only_when_they_are_ours() -> None:
+    assert Position.parse("k3v9x2ma:42") == Position("k3v9x2ma", 42)
+    assert str(Position("k3v9x2ma", 42)) == "k3v9x2ma:42"
+    for text in ["42", "", ":1", "e:", "e:-1", "e:1.5", "e:²", "e:" + "9" * 20, "e: 1"]:
+        assert Position.parse(text) is None, text
+
+
+def test_a_position_covers_what_came_before_it_in_its_own_epoch_only() -> None:
+    here = Position("a", 5)
+    assert here.covers(Position("a", 5))
+    assert here.covers(Position("a", 1))
+    assert not here.covers(Position("a", 6))
+    assert not here.covers(Position("b", 1))
+
+
+def test_read_after_judges_recovery() -> None:
+    entries = [(4, "f4"), (5, "f5")]
+    # Starts right after `since` and reaches the top: complete.
+    read = read_after("e", 5, entries, Position("e", 3))
+    assert (read.recovered, read.complete, list(read.frames)) == (True, True, ["f4", "f5"])
+    # Nothing missed.
+    assert read_after("e", 5, [], Position("e", 5)).complete
+    # Trimmed: history starts after a gap.
+    assert not read_after("e", 5, entries, Position("e", 2)).recovered
+    # Another epoch, a position from the future, no position at all.
+    assert not read_after("e", 5, entries, Position("x", 3)).recovered
+    assert not read_after("e", 5, [], Position("e", 9)).recovered
+    assert not read_after("e", 5, entries, None).recovered
+
+
+def test_memory_history_keeps_the_last_messages_and_expires_them() -> None:
+    now = [0.0]
+    history = MemoryHistory(size=3, ttl=10, meta_ttl=100, clock=lambda: now[0])
+    ids = [history.publish("c", str(n).encode())[0] for n in range(5)]
+    first = Position.parse(ids[0])
+    assert first is not None
+    assert [Position.parse(i) for i in ids] == [Position(first.epoch, n) for n in range(1, 6)]
+    assert history.after("c", Position(first.epoch, 2), None).complete
+    assert not history.after("c", Position(first.epoch, 1), None).recovered  # trimmed
+    assert len(history.latest("c", 10).frames) == 3
+    now[0] = 11.0  # the history expired; the ids carry on
+    assert history.latest("c", 10).frames == []
+    assert history.publish("c", b"6")[0] == f"{first.epoch}:6"
+    now[0] = 200.0  # unused past meta_ttl: a new history, whose ids cannot be confused
+    fresh = Position.parse(history.publish("c", b"7")[0])
+    assert fresh is not None
+    assert fresh.seq == 1
+    assert fresh.epoch != first.epoch
+
+
+async def test_resume_gives_what_was_missed_then_live(broker: Broker) -> None:
+    hub = Hub(broker, linger=0)
+    ids = [await broker.publish("news", str(n).encode()) for n in range(4)]
+    member = Recorder()
+    replies: list[Joined] = []
+    joined = await hub.join("news", member, since=ids[1], on_joined=replies.append)
+    assert replies == [joined] == [Joined(ids[1], True)]
+    assert member.data() == [2, 3]
+    assert member.backlog == member.frames
+    await broker.publish("news", b"4")
+    await async_wait_for(lambda: _has(member, 3), what="a live message")
+    assert member.data() == [2, 3, 4]
+    await hub.close()
+
+
+async def test_resume_reports_what_history_cannot_give(broker: Broker) -> None:
+    hub = Hub(broker, linger=0)
+    ids = [await broker.publish("news", str(n).encode()) for n in range(8)]  # keeps 5
+    for since in (ids[0], "not-ours", "otherepoch:3"):
+        member = Recorder()
+        joined = await hub.join("news", member, since=since)
+        # The member starts live from the channel's current position, with nothing old.
+        assert joined == Joined(ids[-1], False)
+        assert member.frames == []
+    assert (hub.resumes_recovered, hub.resumes_not_recovered) == (0, 3)
+    await hub.close()
+
+
+async def test_resume_races_a_busy_publisher_without_gap_or_duplicate(broker: Broker) -> None:
+    # The member joins with a buffer while messages keep coming; the switch from history
+    # to live must neither drop nor repeat one, wherever the race falls.
+    settings = Settings.model_validate({"history_size": 10_000})
+    async with Broker(settings, "test") as busy:
+        hub = Hub(busy, linger=0)
+        watcher = Recorder()
+        await hub.join("race", watcher)
+        stop = asyncio.Event()
+
+        async def publish_forever() -> None:
+            n = 0
+            while not stop.is_set():
+                await busy.publish("race", str(n).encode())
+                n += 1
+                await asyncio.sleep(0)
+
+        publisher = asyncio.create_task(publish_forever())
+        members = []
+        for _ in range(30):
+            await async_wait_for(lambda: _has(watcher, 1), what="messages")
+            since = orjson.loads(watcher.frames[len(watcher.frames) // 2])["id"]
+            member = Recorder()
+            await hub.join("race", member, since=since)
+            members.append((since, member))
+        stop.set()
+        await publisher
+        await async_wait_for(
+            lambda: _drained(watcher, busy), what="the watcher to hear every message"
+        )
+        every = [orjson.loads(f)["id"] for f in watcher.frames]
+        for since, member in members:
+            got = [orjson.loads(f)["id"] for f in member.frames]
+            assert got == every[every.index(since) + 1 :]
+        await hub.close()
+
+
+async def test_an_interruption_is_filled_from_history_once(broker: Broker) -> None:
+    hub = Hub(broker, linger=0)
+    member = Recorder()
+    await hub.join("news", member)
+    await broker.publish("news", b"0")
+    await async_wait_for(lambda: _has(member, 1), what="the first message")
+    # Stand in for a broken subscription: messages 1 and 2 never reach the worker live,
+    # then the backend marks the interruption, then message 2 arrives live after all.
+    backend = broker._broadcast  # type: ignore[attr-defined]
+    await _publish_unheard(broker, b"1")
+    missed_twice = await _publish_unheard(broker, b"2")
+    await backend.publish("news", SUBSCRIPTION_INTERRUPTED)
+    await backend.publish("news", missed_twice)
+    await broker.publish("news", b"3")
+    await async_wait_for(lambda: _has(member, 4), what="the filled gap and a live message")
+    assert member.data() == [0, 1, 2, 3]
+    assert (hub.gaps_filled, hub.gaps_reported) == (1, 0)
+    await hub.close()
+
+
+async def test_an_interruption_history_does_not_cover_sends_a_gap(broker: Broker) -> None:
+    hub = Hub(broker, linger=0)
+    member = Recorder()
+    await hub.join("news", member)
+    for n in range(7):  # history keeps 5: two of these are gone
+        await _publish_unheard(broker, str(n).encode())
+    backend = broker._broadcast  # type: ignore[attr-defined]
+    await backend.publish("news", SUBSCRIPTION_INTERRUPTED)
+    await async_wait_for(lambda: _has(member, 6), what="the notice and what history has")
+    assert orjson.loads(member.frames[0]) == {"type": "gap", "channel": "news"}
+    assert member.data()[1:] == [2, 3, 4, 5, 6]
+    assert (hub.gaps_filled, hub.gaps_reported) == (0, 1)
+    await hub.close()
+
+
+async def _publish_unheard(broker: Broker, data: bytes) -> str:
+    """Number and keep a message without publishing it, as if the worker missed it."""
+    store = broker._history._history  # type: ignore[attr-defined]
+    _, frame = store.publish("news", data)
+    return str(frame)
+
+
+async def _has(member: Recorder, count: int) -> bool:
+    return len(member.frames) >= count
+
+
+async def _drained(watcher: Recorder, broker: Broker) -> bool:
+    last = orjson.loads(watcher.frames[-1])["id"]
+    return last == str((await broker.history_latest("race", 0)).position)
