@@ -64,7 +64,8 @@ def retry_delay(
     code received since then (None if only connection attempts failed).
     """
     if cause == CloseCode.SERVICE_RESTART and attempt == 0:
-        # The worker is shutting down, not overloaded: go to the next one at once.
-        return 0.0
+        # The worker is shutting down, not overloaded: go to the next one now, spread
+        # over `min_delay` so that its clients do not all land on the others at once.
+        return uniform(0.0, min_delay)
     base = max(min_delay, TRY_AGAIN_LATER_BASE) if cause == CloseCode.TRY_AGAIN_LATER else min_delay
     return backoff(attempt, base, max_delay, uniform)

@@ -212,11 +212,12 @@ export class BroadcastClient extends EventTarget {
       this.#cause === TRY_AGAIN_LATER
         ? Math.max(TRY_AGAIN_LATER_BASE, this.#minDelay)
         : this.#minDelay;
-    // A worker shutting down (1012) is no reason to wait: another one is up. Only the
-    // first retry, though, so that a balancer routing back to it cannot make a busy loop.
+    // A worker shutting down (1012) is no reason to wait: another one is up. Spread over
+    // minDelay, so that its clients do not all land on the others at once; and only the
+    // first retry, so that a balancer routing back to it cannot make a busy loop.
     const delay =
       this.#cause === SERVICE_RESTART && this.#attempt === 0
-        ? 0
+        ? Math.random() * this.#minDelay
         : backoff(this.#attempt, base, this.#maxDelay);
     this.#attempt += 1;
     this.#urlIndex = (this.#urlIndex + 1) % this.#urls.length;

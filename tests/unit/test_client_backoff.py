@@ -36,7 +36,9 @@ def test_backoff_with_real_randomness_stays_in_bounds() -> None:
 
 def test_the_first_retry_after_1012_goes_at_once_later_ones_back_off() -> None:
     restart = CloseCode.SERVICE_RESTART
-    assert retry_delay(0, restart, min_delay=0.25, max_delay=10.0) == 0.0
+    # At once, but spread over min_delay, so that a worker's clients do not move together.
+    assert retry_delay(0, restart, min_delay=0.25, max_delay=10.0, uniform=lowest) == 0.0
+    assert retry_delay(0, restart, min_delay=0.25, max_delay=10.0, uniform=highest) == 0.25
     assert retry_delay(1, restart, min_delay=0.25, max_delay=10.0, uniform=highest) == 0.5
 
 
