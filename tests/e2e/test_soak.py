@@ -10,20 +10,29 @@ Timeline (t = 0 when publishing starts, D = SOAK_SECONDS):
 
 * D/3: Redis is killed (SIGKILL); publishing goes on and is refused (503);
 * a few seconds later Redis is started again on the same port, empty; the workers
-  reconnect by themselves and send each subscriber a `gap` frame;
+  reconnect by themselves and, history being lost with Redis, send each subscriber a
+  `gap` frame;
 * 2D/3: one worker is SIGTERMed; it closes its clients with 1012, which reconnect
-  (jittered backoff, bounded attempts) to the two others and subscribe again; the
-  publisher stops using it;
+  (jittered backoff, bounded attempts) to the two others and subscribe again with
+  `since`; each should be answered `recovered: true` and get what was published while
+  it was away; the publisher stops using the worker;
 * D: publishing stops; then, polling with a deadline, every client should receive
   the last acknowledged message.
 
+Clients resume like the service's own: each remembers the id of the last message it
+received (before the first one, the `position` of its `subscribed` reply) and sends it
+as `since` in every subscribe after a reconnection.
+
 Each client keeps an event log in arrival order: messages (seq), `gap` frames,
-disconnections (close code), `subscribed` replies. The accounting is exact: for every
-acknowledged seq a client did not get, the stretch of its log where that message
-belonged (after the last received seq below it, before the first received seq above
-it) must hold a notice, a `gap` or a close; otherwise it is a silent loss. Duplicates
-(a seq twice at one client) and order violations (a seq not above the previous one)
-are counted too. The report is printed (pytest -s) and written as JSON to
+disconnections (close code), `subscribed` replies (plain, `recovered: true` or
+`recovered: false`). The accounting is exact: for every acknowledged seq a client did
+not get, the stretch of its log where that message belonged (after the last received
+seq below it, before the first received seq above it) must hold a notice: a `gap`, a
+`recovered: false`, or a close that no resumed subscription followed. A close followed
+by `recovered: true` excuses nothing: a seq missing across it is lost in the resume;
+one missing with no notice and no close around it is a silent loss. Duplicates (a seq
+twice at one client) and order violations (a seq not above the previous one) are
+counted too. The report is printed (pytest -s) and written as JSON to
 $TEST_ARTIFACTS (default test-artifacts/)/soak-report.json.
 """
 
@@ -72,9 +81,11 @@ MSG = "msg"  # value: seq
 GAP = "gap"
 CLOSE = "close"  # value: close code received (1006 when none)
 CONNECTED = "connected"  # value: the worker's port
-SUBSCRIBED = "subscribed"
+SUBSCRIBED = "subscribed"  # a reply to a subscribe without `since`
+RESUMED = "recovered"  # replies to a subscribe with `since`: `recovered: true`
+NOT_RECOVERED = "not_recovered"  # `recovered: false`
+REPLIES = {None: SUBSCRIBED, True: RESUMED, False: NOT_RECOVERED}  # by `recovered`
 REFUSED = "refused"  # `subscribe` answered `unavailable`
-NOTICES = (GAP, CLOSE)
 
 
 class Pool:
@@ -168,6 +179,8 @@ class SoakClient:
         self.latencies = latencies
         self.log: list[tuple[str, int, float]] = []
         self.last_seq = 0
+        # The id to resume from: of the last message, or the `position` before any.
+        self.resume_from: str | None = None
         self.subscribed = False
         self.ws: ClientConnection | None = None
         self.worker_port = 0
@@ -240,6 +253,7 @@ class SoakClient:
             if welcome.get("type") != "welcome":
                 self.problems.append(f"first frame is not welcome: {welcome}")
             self.record(CONNECTED, self.worker_port)
+            resuming = self.resume_from is not None
             ref = await self.send_subscribe(ws)
             attempts = 1
             while True:
@@ -263,10 +277,15 @@ class SoakClient:
                         self.problems.append(f"message {seq} before `subscribed`")
                     self.record(MSG, seq)
                     self.last_seq = seq
+                    self.resume_from = frame["id"]
                 elif kind == "gap":
                     self.record(GAP)
                 elif kind == "subscribed" and frame.get("ref") == ref:
-                    self.record(SUBSCRIBED)
+                    recovered = frame.get("recovered")
+                    if resuming != (recovered is not None):
+                        self.problems.append(f"`recovered` {recovered} in {frame}")
+                    self.record(REPLIES[recovered])
+                    self.resume_from = frame.get("position", self.resume_from)
                     self.subscribed = was_subscribed = True
                 elif kind == "error" and frame.get("ref") == ref and not self.subscribed:
                     if frame.get("code") != "unavailable":
@@ -298,7 +317,10 @@ class SoakClient:
 
     async def send_subscribe(self, ws: ClientConnection) -> int:
         ref = next(self._refs)
-        await ws.send(json.dumps({"type": "subscribe", "channel": self.channel, "ref": ref}))
+        command = {"type": "subscribe", "channel": self.channel, "ref": ref}
+        if self.resume_from is not None:
+            command["since"] = self.resume_from
+        await ws.send(json.dumps(command))
         return ref
 
 
@@ -312,8 +334,10 @@ class ClientAccount:
     delivered: int = 0
     duplicates: int = 0
     order_violations: int = 0
-    missing_by_gap: int = 0
-    missing_by_close: int = 0
+    # Missing seqs by the kind of notice that covers them: GAP, NOT_RECOVERED or CLOSE.
+    covered: Counter[str] = field(default_factory=Counter)
+    # Missing seqs with no notice but a close followed by `recovered: true` around them.
+    lost_in_resume: list[int] = field(default_factory=list)
     silent: list[int] = field(default_factory=list)
     # Runs of missing seqs covered by the same notice: (first, last, count, notice).
     runs: list[tuple[int, int, int, str]] = field(default_factory=list)
@@ -333,7 +357,13 @@ def account(log: list[tuple[str, int, float]], acked: list[int]) -> ClientAccoun
     seqs = [seq for seq, _ in by_seq]
     latest_below = list(itertools.accumulate((i for _, i in by_seq), max))
     earliest_above = list(itertools.accumulate((i for _, i in reversed(by_seq)), min))[::-1]
-    notices = [i for i, (kind, _, _) in enumerate(log) if kind in NOTICES]
+    closes = [i for i, (kind, _, _) in enumerate(log) if kind == CLOSE]
+    # A close is a notice only if no resumed subscription followed it: after one, the
+    # reply's `recovered` tells whether something was missed.
+    notices = sorted(
+        [i for i, (kind, _, _) in enumerate(log) if kind in (GAP, NOT_RECOVERED)]
+        + [i for i in closes if reply_after(log, i) in (None, SUBSCRIBED)]
+    )
     runs: list[list[int]] = []  # [first, last, count, index of the notice in the log]
     current: list[int] | None = None
     for seq in acked:
@@ -344,18 +374,19 @@ def account(log: list[tuple[str, int, float]], acked: list[int]) -> ClientAccoun
         after = latest_below[k - 1] if k > 0 else -1
         before = earliest_above[k] if k < len(seqs) else len(log)
         low, high = min(after, before), max(after, before)
-        # The first notice in the stretch, preferring a close (a disconnection covers all).
+        # The first notice in the stretch, preferring a disconnection's (it covers all).
         found = notices[bisect.bisect_right(notices, low) : bisect.bisect_left(notices, high)]
-        closes = [i for i in found if log[i][0] == CLOSE]
-        if closes:
-            result.missing_by_close += 1
-            notice = closes[0]
-        elif found:
-            result.missing_by_gap += 1
+        found.sort(key=lambda i: log[i][0] == GAP)
+        closed = closes[bisect.bisect_right(closes, low) : bisect.bisect_left(closes, high)]
+        if found:
             notice = found[0]
+            result.covered[log[notice][0]] += 1
+        elif closed:
+            notice = closed[0]  # followed by `recovered: true`, which promised it
+            result.lost_in_resume.append(seq)
         else:
-            result.silent.append(seq)
             notice = -1
+            result.silent.append(seq)
         if current is not None and current[3] == notice:
             current[1] = seq
             current[2] += 1
@@ -366,11 +397,20 @@ def account(log: list[tuple[str, int, float]], acked: list[int]) -> ClientAccoun
     return result
 
 
+def reply_after(log: list[tuple[str, int, float]], index: int) -> str | None:
+    """The kind of the first `subscribed` reply after log[index], if any."""
+    return next((kind for kind, _, _ in log[index + 1 :] if kind in REPLIES.values()), None)
+
+
 def describe(log: list[tuple[str, int, float]], index: int) -> str:
     if index < 0:
         return "NONE (silent loss)"
     kind, value, _ = log[index]
-    return f"close {value}" if kind == CLOSE else "gap"
+    if kind != CLOSE:
+        return kind
+    if reply_after(log, index) == RESUMED:
+        return f"close {value}, then recovered: true: LOST IN THE RESUME"
+    return f"close {value}"
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -591,6 +631,7 @@ async def test_soak_with_a_redis_restart_and_a_worker_restart(
     assert not report["client_task_errors"], report["client_task_errors"]
     assert report["clients_not_stopped"] == 0
     assert report["silent_losses"] == 0, report["silent_loss_examples"]
+    assert report["lost_in_resume"] == 0, report["lost_in_resume_examples"]
     assert report["duplicates"] == 0
     assert report["order_violations"] == 0
     assert not report["client_problems"], report["client_problems"]
@@ -607,6 +648,8 @@ async def test_soak_with_a_redis_restart_and_a_worker_restart(
     assert set(report["worker_log_tracebacks"].values()) == {0}
     assert set(report["deaf_detections"].values()) == {0}
     assert report["notices"]["close"].get("1012", 0) >= report["victims_clients"] > 0
+    # Each of the worker's clients resumed once, elsewhere, and lost nothing.
+    assert report["resumes"]["recovered"] == report["victims_clients"], report["resumes"]
 
 
 def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any]:
@@ -617,18 +660,8 @@ def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any
     delivered_seqs: set[int] = set()
     for client in clients:
         delivered_seqs.update(value for kind, value, _ in client.log if kind == MSG)
-    closes: Counter[str] = Counter()
-    gaps = refusals = subscriptions = 0
-    for client in clients:
-        for kind, value, _ in client.log:
-            if kind == CLOSE:
-                closes[str(value)] += 1
-            elif kind == GAP:
-                gaps += 1
-            elif kind == REFUSED:
-                refusals += 1
-            elif kind == SUBSCRIBED:
-                subscriptions += 1
+    kinds = Counter(kind for c in clients for kind, _, _ in c.log)
+    closes = Counter(str(value) for c in clients for kind, value, _ in c.log if kind == CLOSE)
     runs: Counter[tuple[int, int, int, str]] = Counter()
     for result in accounts:
         runs.update(result.runs)
@@ -637,7 +670,13 @@ def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any
         for c, a in zip(clients, accounts, strict=True)
         if a.silent
     ]
-    missing = [a.missing_by_gap + a.missing_by_close + len(a.silent) for a in accounts]
+    lost_in_resume = [
+        {"client": c.index, "seqs": a.lost_in_resume[:20], "count": len(a.lost_in_resume)}
+        for c, a in zip(clients, accounts, strict=True)
+        if a.lost_in_resume
+    ]
+    missing = [a.covered.total() + len(a.lost_in_resume) + len(a.silent) for a in accounts]
+    covered = (GAP, NOT_RECOVERED, CLOSE)
     ordered = sorted(latencies)
     logs = {w.port: str(w.log_path) for w in workers}
     return {
@@ -661,8 +700,10 @@ def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any
         "delivered": sum(a.delivered for a in accounts),
         "expected_deliveries": len(acked) * len(clients),
         "missing": sum(missing),
-        "missing_covered_by_gap": sum(a.missing_by_gap for a in accounts),
-        "missing_covered_by_close": sum(a.missing_by_close for a in accounts),
+        **{f"missing_covered_by_{k}": sum(a.covered[k] for a in accounts) for k in covered},
+        # Missing although the client resumed across its close and was told `recovered: true`.
+        "lost_in_resume": sum(len(a.lost_in_resume) for a in accounts),
+        "lost_in_resume_examples": lost_in_resume[:20],
         "silent_losses": sum(len(a.silent) for a in accounts),
         "silent_loss_examples": silent[:20],
         "duplicates": sum(a.duplicates for a in accounts),
@@ -671,8 +712,7 @@ def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any
             "clients_with_missing": sum(1 for n in missing if n),
             "max": max(missing, default=0),
             "median": sorted(missing)[len(missing) // 2] if missing else 0,
-            "by_gap": Counter(a.missing_by_gap for a in accounts).most_common(),
-            "by_close": Counter(a.missing_by_close for a in accounts).most_common(),
+            **{f"by_{k}": Counter(a.covered[k] for a in accounts).most_common() for k in covered},
         },
         # For every message a client did not get, the notice it got instead: runs of
         # consecutive acknowledged seqs covered by one notice, with how many clients.
@@ -680,9 +720,11 @@ def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any
             {"first": f, "last": la, "count": n, "notice": notice, "clients": k}
             for (f, la, n, notice), k in sorted(runs.items())
         ],
-        "notices": {"gap": gaps, "close": dict(closes)},
-        "subscriptions": subscriptions,
-        "subscribe_refusals": refusals,
+        "notices": {"gap": kinds[GAP], "close": dict(closes)},
+        "subscriptions": kinds[SUBSCRIBED],
+        # Replies to the subscribes with `since`, after a reconnection.
+        "resumes": {"recovered": kinds[RESUMED], "not_recovered": kinds[NOT_RECOVERED]},
+        "subscribe_refusals": kinds[REFUSED],
         "connect_failures": sum(c.connect_failures for c in clients),
         "victim_worker": soak.victim.port,
         "victims_clients": len(soak.victims_clients),
@@ -705,17 +747,18 @@ def build_report(soak: Soak, latencies: list[float], seed: int) -> dict[str, Any
             for w in workers
             if w is not soak.victim
         },
-        # Every client was subscribed when Redis died: each must have been told.
+        # Every client was subscribed when Redis died, and its history was lost with it:
+        # each must have been told, by a `gap` or by a `recovered: false`.
         "clients_without_outage_notice": sum(
-            not any(kind in (GAP, CLOSE) and at >= soak.killed_at for kind, _, at in c.log)
+            not any(kind in (GAP, NOT_RECOVERED) and at >= soak.killed_at for kind, _, at in c.log)
             for c in soak.clients
         ),
         "per_client": [
             {
                 "client": c.index,
                 "delivered": a.delivered,
-                "missing_by_gap": a.missing_by_gap,
-                "missing_by_close": a.missing_by_close,
+                **{f"missing_by_{k}": a.covered[k] for k in covered},
+                "lost_in_resume": len(a.lost_in_resume),
                 "silent": len(a.silent),
                 "runs": a.runs,
             }
