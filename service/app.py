@@ -40,7 +40,8 @@ def create_app(settings: Settings) -> FastAPI:
             hub = Hub(
                 broker,
                 linger=settings.channel_linger,
-                catchup_limit=settings.outbox_max_messages,
+                catchup_frames=settings.outbox_max_messages,
+                catchup_chars=settings.outbox_max_bytes,
                 on_fanout=metrics.deliveries.inc,
             )
             metrics.watch(hub, broker)

@@ -45,6 +45,9 @@ class Connection:
         self._metrics = metrics
         self._outbox: deque[str] = deque()
         self._outbox_chars = 0
+        # Room granted above the limits to a resume's backlog, until the outbox drains.
+        self._extra_messages = 0
+        self._extra_chars = 0
         self._wakeup = asyncio.Event()
         self._closing: tuple[CloseCode, str] | None = None
         self._client_gone = False
@@ -60,9 +63,11 @@ class Connection:
         if self._closing is not None:
             return
         size = len(frame)
-        if len(self._outbox) >= self._max_messages or self._outbox_chars + size > self._max_chars:
-            self._metrics.slow_consumers.inc()
-            self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox full", flush=False)
+        if (
+            len(self._outbox) >= self._max_messages + self._extra_messages
+            or self._outbox_chars + size > self._max_chars + self._extra_chars
+        ):
+            self.overwhelmed()
             return
         self._outbox.append(frame)
         self._outbox_chars += size
@@ -71,13 +76,22 @@ class Connection:
     def deliver_backlog(self, frames: Sequence[str]) -> None:
         """Queue frames a resumed subscription missed, even past the outbox limits.
 
-        The history size bounds them; the limits apply again to every later frame.
+        The limits grow by the backlog until the outbox has drained once, so that the
+        frames queued behind it are not what closes the client.
         """
         if self._closing is not None or not frames:
             return
+        chars = sum(map(len, frames))
         self._outbox.extend(frames)
-        self._outbox_chars += sum(map(len, frames))
+        self._outbox_chars += chars
+        self._extra_messages += len(frames)
+        self._extra_chars += chars
         self._wakeup.set()
+
+    def overwhelmed(self) -> None:
+        """Close as a slow consumer: more frames came than the client may queue."""
+        self._metrics.slow_consumers.inc()
+        self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer: outbox full", flush=False)
 
     def close(self, code: CloseCode, reason: str, *, flush: bool = True) -> None:
         """Close with `code` after the queued frames (or at once, dropping them)."""
@@ -143,6 +157,7 @@ class Connection:
                     frame = outbox.popleft()
                     self._outbox_chars -= len(frame)
                     await self._ws.send_text(frame)
+                self._extra_messages = self._extra_chars = 0  # drained: back to the limits
                 if self._closing is not None:
                     return
                 self._wakeup.clear()

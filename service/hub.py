@@ -44,9 +44,13 @@ class Member(Protocol):
     def deliver_backlog(self, frames: Sequence[str]) -> None:
         """Queue a resumed subscription's missed frames, even past the outbox limits.
 
-        They are bounded by the history size, and a client that asked to resume would
-        otherwise be closed as a slow consumer, resume again, and never catch up.
+        They are bounded by the history size (and the hub's catch-up buffer), and a
+        client that asked to resume would otherwise be closed as a slow consumer, resume
+        again, and never catch up.
         """
+
+    def overwhelmed(self) -> None:
+        """More frames came for the client than it may queue: close it as a slow consumer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +68,16 @@ class Joined:
 class _Catchup:
     """Stands in for a resuming member while its history is read: buffers live frames."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, max_frames: int, max_chars: int) -> None:
         self.frames: list[str] = []
         self.overflowed = False
-        self._limit = limit
+        self._frames_left = max_frames
+        self._chars_left = max_chars
 
     def deliver(self, frame: str) -> None:
-        if len(self.frames) > self._limit:
+        self._frames_left -= 1
+        self._chars_left -= len(frame)
+        if self._frames_left < 0 or self._chars_left < 0:
             self.overflowed = True  # the member could not take this many either
             return
         self.frames.append(frame)
@@ -78,6 +85,9 @@ class _Catchup:
     def deliver_backlog(self, frames: Sequence[str]) -> None:
         for frame in frames:
             self.deliver(frame)
+
+    def overwhelmed(self) -> None:
+        self.overflowed = True
 
 
 class _Channel:
@@ -121,12 +131,14 @@ class Hub:
         broker: Broker,
         *,
         linger: float,
-        catchup_limit: int = 1000,
+        catchup_frames: int = 1000,
+        catchup_chars: int = 1 << 20,
         on_fanout: Callable[[int], None] | None = None,
     ) -> None:
         self._broker = broker
         self._linger = linger
-        self._catchup_limit = catchup_limit
+        # Bounds of the buffer of live frames held for a member while it resumes.
+        self._catchup = (catchup_frames, catchup_chars)
         self._on_fanout = on_fanout
         self._channels: dict[str, _Channel] = {}
         # Interruptions of the worker's subscription that history covered, and those it
@@ -222,7 +234,7 @@ class Hub:
         # Live first, into a buffer; then history; then both, without duplicates. Every
         # message the history read missed was published after it, so after the live
         # subscription was confirmed: it is in the buffer or still to come.
-        catchup = _Catchup(self._catchup_limit)
+        catchup = _Catchup(*self._catchup)
         channel, start = await self._add(name, catchup, None, None)
         try:
             read = await self._broker.history_after(name, since)
@@ -233,6 +245,12 @@ class Hub:
             raise BrokerUnavailable("the worker is shutting down: reconnect to another one")
         # From here to the end nothing awaits: no frame can slip in between.
         channel.members.discard(catchup)
+        if catchup.overflowed:
+            # Live frames were dropped while the history was read: the member cannot be
+            # served without a hole. Closed as a slow consumer, it resumes again.
+            self.resumes_not_recovered += 1
+            member.overwhelmed()
+            return Joined(start.position, False)
         live = catchup.frames
         horizon: Position | None = None
         if read.complete:
@@ -248,14 +266,7 @@ class Hub:
             joined = Joined(start.position, False)
         if on_joined is not None:
             on_joined(joined)
-        member.deliver_backlog(history)
-        if catchup.overflowed:
-            # More live frames came during the read than an outbox holds: queue them the
-            # normal way, which closes the member as a slow consumer (it resumes again).
-            for frame in live:
-                member.deliver(frame)
-        else:
-            member.deliver_backlog(live)
+        member.deliver_backlog([*history, *live])
         last = channel.position
         if horizon is not None and (last is None or not last.covers(horizon)):
             # The read saw messages the pump has not handed out yet (their pub/sub copies
@@ -398,8 +409,10 @@ class Hub:
             return read.frames
         self.gaps_reported += 1
         logger.info("history of %r does not cover an interruption: sending a gap", channel.name)
-        if channel.position is not None and channel.position.epoch != read.position.epoch:
-            # A new epoch (Redis lost its data): nothing of the old one to skip.
+        last = channel.position
+        if last is not None and not read.position.covers(last):
+            # A new epoch (Redis lost its data), or the same one set back (Redis came
+            # back from an older snapshot and gives out ids again): nothing to skip.
             channel.position = None
         # Whatever part of it history still has (it was trimmed) follows the notice.
         return [frames.gap(channel.name), *read.frames]

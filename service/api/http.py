@@ -108,7 +108,7 @@ async def history(
 def _parse_limit(text: str | None) -> int:
     if text is None:
         return _DEFAULT_HISTORY_LIMIT
-    if not text.isdecimal() or not 1 <= int(text) <= _MAX_HISTORY_LIMIT:
+    if not (text.isdecimal() and len(text) <= 4 and 1 <= int(text) <= _MAX_HISTORY_LIMIT):
         raise ProtocolError(
             ErrorCode.INVALID_FRAME,
             f"limit must be an integer from 1 to {_MAX_HISTORY_LIMIT}, got {text!r}",

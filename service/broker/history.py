@@ -84,7 +84,8 @@ def read_after(
     if since.seq == top:
         return HistoryRead(position, [], recovered=True, complete=True)
     recovered = bool(entries) and entries[0][0] == since.seq + 1
-    complete = recovered and entries[-1][0] == top
+    # Every seq up to the top, none missing in between (a worker with history off, say).
+    complete = recovered and entries[-1][0] == top and len(entries) == top - since.seq
     return HistoryRead(position, [frame for _, frame in entries], recovered, complete)
 
 

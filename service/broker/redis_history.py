@@ -50,13 +50,17 @@ return id
 """
 
 # KEYS: meta hash, stream.
-# ARGV: candidate epoch, meta TTL, mode ('after' or 'latest'), epoch of `since`,
-#       first entry id to read, count (0: none; -1: all).
+# ARGV: candidate epoch, TTL of a meta hash made here, mode ('after' or 'latest'),
+#       epoch of `since`, first entry id to read, count (0: none; -1: all).
 # Starting an epoch here too means a channel's position is known before its first
-# message, so "after position E:0" covers it from the very start.
+# message, so "after position E:0" covers it from the very start. Such a hash lives
+# only HISTORY_TTL unless a publish extends it: reads of made-up channel names must not
+# fill Redis for a week.
 _READ = """
-if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then redis.call('DEL', KEYS[2]) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local top = redis.call('HGET', KEYS[1], 'seq') or '0'
 local count = tonumber(ARGV[6])
@@ -133,7 +137,7 @@ class RedisHistory:
     async def _run(
         self, channel: str, mode: str, since_epoch: str, first: str, count: int
     ) -> tuple[str, int, list[tuple[int, str]]]:
-        args: list[EncodableT] = [new_epoch(), self._meta_ttl, mode, since_epoch, first, count]
+        args: list[EncodableT] = [new_epoch(), self._ttl, mode, since_epoch, first, count]
         try:
             epoch, top, raw = await self._read(keys=list(self._keys(channel)), args=args)
         except RedisError as exc:

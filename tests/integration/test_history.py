@@ -23,10 +23,14 @@ def history(worker: Worker, channel: str, **params: Any) -> httpx.Response:
     return httpx.get(f"{worker.http}/api/channels/{channel}/history", params=params, timeout=10)
 
 
-def publish_many(worker: Worker, channel: str, count: int) -> list[str]:
+def publish_many(worker: Worker, channel: str, count: int, data: Any = None) -> list[str]:
+    """Publish `count` messages (`data`, or 0, 1, 2, ...) over HTTP; their ids."""
     with httpx.Client(base_url=worker.http, timeout=10) as http:
         url = f"/api/channels/{channel}/messages"
-        return [str(http.post(url, json={"data": n}).json()["id"]) for n in range(count)]
+        return [
+            str(http.post(url, json={"data": n if data is None else data}).json()["id"])
+            for n in range(count)
+        ]
 
 
 async def test_a_publish_keeps_the_message_in_a_trimmed_expiring_stream(
@@ -234,3 +238,41 @@ async def test_resuming_while_messages_pour_in_neither_drops_nor_repeats(worker:
         assert received == every[every.index(since) + 1 :]
     for client in (watcher, publisher):
         await client.close()
+
+
+async def test_a_backlog_larger_than_the_outbox_is_delivered_and_live_messages_follow(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    # 40 kept messages of ~1 KB against a 10 KB outbox: the resume must not be what
+    # closes the client as a slow consumer (it would resume again, and again).
+    worker = make_worker(
+        *redis_args(redis_server, prefix, "--outbox-max-bytes", "10000", "--max-data-bytes", "2000")
+    )
+    channel = unique("big")
+    first = await subscribed_client(worker)
+    position = (await first.subscribe(channel))["position"]
+    await first.close()
+    ids = publish_many(worker, channel, 40, "x" * 1000)
+    client = await subscribed_client(worker)
+    assert (await client.subscribe(channel, since=position))["recovered"] is True
+    live = worker.publish(channel, "live")  # queued behind the backlog, past the limit
+    received = [(await client.recv())["id"] for _ in range(41)]
+    assert received == [*ids, live]
+    await client.alive()
+    assert worker.metric("broadcast_slow_consumer_closes_total") == 0
+    await client.close()
+
+
+async def test_reading_an_unknown_channel_leaves_only_a_short_lived_key(
+    worker: Worker, redis_server: RedisServer
+) -> None:
+    channel = unique("nobody")
+    assert history(worker, channel).json()["messages"] == []
+    prefix = worker.args[worker.args.index("--redis-prefix") + 1]
+    ttl = redis_server.client().ttl(f"{prefix}meta:{{{channel}}}")
+    assert 0 < ttl <= 300  # HISTORY_TTL, not the week a published channel's ids live
+
+
+async def test_a_limit_with_thousands_of_digits_is_a_400(worker: Worker) -> None:
+    response = history(worker, "news", limit="9" * 5000)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_frame")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -204,3 +205,68 @@ async def _has(member: Recorder, count: int) -> bool:
 async def _drained(watcher: Recorder, broker: Broker) -> bool:
     last = orjson.loads(watcher.frames[-1])["id"]
     return last == str((await broker.history_latest("race", 0)).position)
+
+
+def test_read_after_needs_every_seq_up_to_the_top() -> None:
+    # A hole in the middle (a message published by a worker with history off).
+    read = read_after("e", 6, [(4, "f4"), (6, "f6")], Position("e", 3))
+    assert read.recovered
+    assert not read.complete
+
+
+class Overwhelmable(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.overwhelmed_calls = 0
+
+    def overwhelmed(self) -> None:
+        self.overwhelmed_calls += 1
+
+
+async def test_a_resume_that_overflows_its_buffer_closes_the_member(broker: Broker) -> None:
+    # More live frames arrive during the history read than the member could queue: it
+    # must not be switched to live with a hole; it is closed as a slow consumer instead.
+    hub = Hub(broker, linger=0, catchup_frames=3)
+    watcher = Recorder()
+    await hub.join("news", watcher)
+    since = await broker.publish("news", b"0")
+    read_history = broker.history_after
+
+    async def slow_read(channel: str, position: Position | None, limit: int | None = None) -> Any:
+        for n in range(1, 6):
+            await broker.publish("news", str(n).encode())
+        await async_wait_for(lambda: _has(watcher, 6), what="the pump to hand them out")
+        return await read_history(channel, position, limit)
+
+    broker.history_after = slow_read  # type: ignore[method-assign]
+    member = Overwhelmable()
+    joined = await hub.join("news", member, since=since)
+    assert joined.recovered is False
+    assert member.overwhelmed_calls == 1
+    assert member.frames == []
+    assert hub.member_count("news") == 1  # the watcher only
+    await hub.close()
+
+
+async def test_redis_back_from_an_older_snapshot_does_not_swallow_new_messages(
+    broker: Broker,
+) -> None:
+    # Same epoch, lower seq: ids are given out again. The worker must say `gap` and then
+    # deliver the new messages, not skip them as already delivered.
+    hub = Hub(broker, linger=0)
+    member = Recorder()
+    await hub.join("news", member)
+    for n in range(5):
+        await broker.publish("news", str(n).encode())
+    await async_wait_for(lambda: _has(member, 5), what="five messages")
+    store = broker._history._history  # type: ignore[attr-defined]
+    state = store._channels["news"]
+    state.seq = 2  # restored from a snapshot taken after message 2
+    while state.entries and state.entries[-1][0] > 2:
+        state.entries.pop()
+    await broker._broadcast.publish("news", SUBSCRIPTION_INTERRUPTED)  # type: ignore[attr-defined]
+    await broker.publish("news", b'"new"')
+    await async_wait_for(lambda: _has(member, 7), what="the gap and the new message")
+    assert orjson.loads(member.frames[5]) == {"type": "gap", "channel": "news"}
+    assert member.data()[6] == "new"
+    await hub.close()
