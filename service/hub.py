@@ -116,7 +116,7 @@ class _Channel:
         self.members: set[Member] = set()
         # Resumed members whose history reached further than the pump has got yet: each
         # skips the live copies up to its horizon, then becomes a plain member.
-        self.pending: dict[Member, Position] = {}
+        self.pending: dict[Member, _Horizon] = {}
         self.lock = asyncio.Lock()
         self.stack: AsyncExitStack | None = None
         self.pump: asyncio.Task[None] | None = None
@@ -270,8 +270,11 @@ class Hub:
         last = channel.position
         if horizon is not None and (last is None or not last.covers(horizon)):
             # The read saw messages the pump has not handed out yet (their pub/sub copies
-            # are still on the way): they must not reach this member twice.
-            channel.pending[member] = horizon
+            # are still on the way): they must not reach this member twice. If the pump
+            # is still in an older epoch (it has not caught up with a Redis restart),
+            # that epoch's frames are behind the member too.
+            stale = last.epoch if last is not None and last.epoch != horizon.epoch else None
+            channel.pending[member] = _Horizon(horizon, stale)
         else:
             channel.members.add(member)
         return joined
@@ -369,9 +372,9 @@ class Hub:
         self._fan_out(channel, frame)
 
     def _promote(self, channel: _Channel, position: Position) -> None:
-        """Make plain members of the resumed members that already have `position`'s past."""
+        """Make plain members of the resumed members for whom `position` is new."""
         for member, horizon in list(channel.pending.items()):
-            if not horizon.covers(position):
+            if horizon.is_past(position):
                 del channel.pending[member]
                 channel.members.add(member)
 
@@ -416,6 +419,21 @@ class Hub:
             channel.position = None
         # Whatever part of it history still has (it was trimmed) follows the notice.
         return [frames.gap(channel.name), *read.frames]
+
+
+@dataclass(frozen=True, slots=True)
+class _Horizon:
+    """How far a pending member's history went, and the epoch it left behind (if any)."""
+
+    last: Position
+    stale_epoch: str | None
+
+    def is_past(self, position: Position) -> bool:
+        """True if the message at `position` is one the member has not had."""
+        if position.epoch == self.last.epoch:
+            return position.seq > self.last.seq
+        # Another epoch: the old one the pump is still in, or one newer than both.
+        return position.epoch != self.stale_epoch
 
 
 def _covered(horizon: Position, frame: str, head: str) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.settings import SETTINGS_ENV_VAR, Settings
-from tests.helpers import RedisServer, Worker, unique
+from tests.helpers import RedisServer, Worker, start_all, unique
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +63,18 @@ def make_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     yield make
     for worker in workers:
         worker.stop()
+
+
+WorkersFactory = Callable[..., list[Worker]]
+
+
+@pytest.fixture
+def make_workers(make_worker: WorkerFactory) -> WorkersFactory:
+    """Start `count` workers with the same flags, side by side; stopped after the test."""
+
+    def make(count: int, *args: str) -> list[Worker]:
+        workers = [make_worker(*args, start=False) for _ in range(count)]
+        start_all(workers)
+        return workers
+
+    return make

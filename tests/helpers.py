@@ -344,14 +344,19 @@ def redis_args(server: RedisServer, prefix: str, *extra: str) -> list[str]:
     return ["--broadcast-url", server.url, "--redis-prefix", prefix, *extra]
 
 
+def start_all(workers: list[Worker], timeout: float = 20.0) -> None:
+    """Start `workers` side by side and wait until each is ready."""
+    for worker in workers:
+        worker.start(wait_ready=False)
+    for worker in workers:
+        worker.wait_ready(timeout)
+
+
 @contextlib.contextmanager
 def started(*workers: Worker) -> Iterator[tuple[Worker, ...]]:
     """Start workers (ready) and always stop them."""
     try:
-        for worker in workers:
-            worker.start(wait_ready=False)
-        for worker in workers:
-            worker.wait_ready()
+        start_all(list(workers))
         yield workers
     finally:
         for worker in workers:

@@ -30,7 +30,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkerFactory, WorkersFactory
 from tests.e2e.test_demo_browser import CHROMIUM_ARGS, REPO, WAIT_MS, chromium, healthz_worker
 from tests.helpers import UNIT, RedisServer, Worker, async_wait_for, free_port, redis_args, unique
 
@@ -182,13 +182,9 @@ class Publisher(threading.Thread):
 
 
 async def test_client_resumes_exactly_once_when_its_worker_is_killed(
-    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+    make_workers: WorkersFactory, redis_server: RedisServer, prefix: str
 ) -> None:
-    workers = [make_worker(*redis_args(redis_server, prefix), start=False) for _ in range(3)]
-    for worker in workers:
-        worker.start(wait_ready=False)
-    for worker in workers:
-        worker.wait_ready()
+    workers = make_workers(3, *redis_args(redis_server, prefix))
     by_id = {healthz_worker(w): w for w in workers}
     assert len(by_id) == 3
     channel = unique("resume")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkersFactory
 from tests.helpers import UNIT, RedisServer, Worker, redis_args, unique
 
 try:
@@ -120,14 +120,10 @@ def line_pattern(name: str, text: str, via: str) -> re.Pattern[str]:
 
 
 async def test_demo_page_chats_across_two_workers(
-    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+    make_workers: WorkersFactory, redis_server: RedisServer, prefix: str
 ) -> None:
     executable = chromium()
-    workers = [make_worker(*redis_args(redis_server, prefix), start=False) for _ in range(2)]
-    for worker in workers:
-        worker.start(wait_ready=False)
-    for worker in workers:
-        worker.wait_ready()
+    workers = make_workers(2, *redis_args(redis_server, prefix))
     one, two = (healthz_worker(w) for w in workers)
     assert one != two
     channel = unique("demo")

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkersFactory
 from tests.helpers import (
     UNIT,
     Client,
@@ -32,17 +32,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.e2e
 
 
-def three_workers(
-    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
-) -> list[Worker]:
-    workers = [make_worker(*redis_args(redis_server, prefix), start=False) for _ in range(3)]
-    for worker in workers:
-        worker.start(wait_ready=False)
-    for worker in workers:
-        worker.wait_ready()
-    return workers
-
-
 async def collect(client: Client, count: int) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     while len(messages) < count:
@@ -53,9 +42,9 @@ async def collect(client: Client, count: int) -> list[dict[str, Any]]:
 
 
 async def test_every_subscriber_on_every_worker_gets_everything_once_in_one_order(
-    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+    make_workers: WorkersFactory, redis_server: RedisServer, prefix: str
 ) -> None:
-    workers = three_workers(make_worker, redis_server, prefix)
+    workers = make_workers(3, *redis_args(redis_server, prefix))
     channel = unique("orders")
     subscribers: list[Client] = []
     for worker in workers:
@@ -108,9 +97,9 @@ async def test_every_subscriber_on_every_worker_gets_everything_once_in_one_orde
 
 
 async def test_a_burst_of_clients_on_a_fresh_channel_all_receive(
-    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+    make_workers: WorkersFactory, redis_server: RedisServer, prefix: str
 ) -> None:
-    workers = three_workers(make_worker, redis_server, prefix)
+    workers = make_workers(3, *redis_args(redis_server, prefix))
     channel = unique("burst")
     per_worker = 200
 

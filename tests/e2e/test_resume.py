@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.client import Client, Event, Lost, Message, State, StateChanged, Subscribed
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkersFactory
 from tests.helpers import UNIT, RedisServer, Worker, async_wait_for, redis_args, unique
 
 pytestmark = pytest.mark.e2e
@@ -69,8 +69,8 @@ class Recorder:
 
 
 @pytest.fixture
-def workers(make_worker: WorkerFactory, redis_server: RedisServer, prefix: str) -> list[Worker]:
-    return [make_worker(*redis_args(redis_server, prefix)) for _ in range(3)]
+def workers(make_workers: WorkersFactory, redis_server: RedisServer, prefix: str) -> list[Worker]:
+    return make_workers(3, *redis_args(redis_server, prefix))
 
 
 @pytest.mark.timeout(120)

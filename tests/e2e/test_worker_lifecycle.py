@@ -27,7 +27,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkerFactory, WorkersFactory
 from tests.helpers import (
     UNIT,
     Client,
@@ -341,13 +341,9 @@ async def test_a_client_ignoring_the_close_does_not_delay_the_exit(
 
 
 async def test_sigkill_of_one_worker_affects_only_its_own_clients(
-    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+    make_workers: WorkersFactory, redis_server: RedisServer, prefix: str
 ) -> None:
-    workers = [make_worker(*redis_args(redis_server, prefix), start=False) for _ in range(3)]
-    for worker in workers:
-        worker.start(wait_ready=False)
-    for worker in workers:
-        worker.wait_ready()
+    workers = make_workers(3, *redis_args(redis_server, prefix))
     victim, publisher, other = workers
     channel = unique("kill")
     victims = [await subscribed_client(victim, channel) for _ in range(2)]

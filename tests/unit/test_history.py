@@ -270,3 +270,25 @@ async def test_redis_back_from_an_older_snapshot_does_not_swallow_new_messages(
     assert orjson.loads(member.frames[5]) == {"type": "gap", "channel": "news"}
     assert member.data()[6] == "new"
     await hub.close()
+
+
+async def test_a_pump_lagging_in_an_older_epoch_does_not_promote_a_resumed_member(
+    broker: Broker,
+) -> None:
+    # The member resumed from the current history while the pump still hands out frames
+    # of the history Redis lost: those must not reach it, and must not let it in early.
+    hub = Hub(broker, linger=0)
+    watcher = Recorder()
+    await hub.join("news", watcher)
+    ids = [await broker.publish("news", str(n).encode()) for n in range(3)]
+    await async_wait_for(lambda: _has(watcher, 3), what="three messages")
+    hub._channels["news"].position = Position("lost", 50)  # as if lagging behind a restart
+    member = Recorder()
+    assert (await hub.join("news", member, since=ids[0])).recovered is True
+    assert member.data() == [1, 2]
+    stale = '{"type":"message","channel":"news","id":"lost:51","data":"stale"}'
+    await broker._broadcast.publish("news", stale)  # type: ignore[attr-defined]
+    await broker.publish("news", b"3")
+    await async_wait_for(lambda: _has(watcher, 5), what="the stale frame and a new one")
+    assert member.data() == [1, 2, 3]
+    await hub.close()
