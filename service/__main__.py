@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     check_backend(settings)
     # uvicorn's worker processes import the app anew: hand them the parsed settings.
-    os.environ[SETTINGS_ENV_VAR] = settings.model_dump_json()
+    os.environ[SETTINGS_ENV_VAR] = settings.handover_json()
     uvicorn.run(APP_FACTORY, **uvicorn_options(settings))
 
 

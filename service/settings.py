@@ -7,11 +7,20 @@ reads it at import time. `.env.example` lists every field (a unit test checks it
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Environment variable through which the entry point hands the parsed settings to
@@ -21,6 +30,26 @@ SETTINGS_ENV_VAR = "BROADCAST_SERVICE_SETTINGS_JSON"
 _BACKEND_SCHEMES = ("memory", "redis", "rediss")
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+#: Algorithms a token may be signed with, by the kind of key that verifies them.
+#: `none` is not among them, whatever the settings say.
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+#: Secrets copied from examples and tutorials: refused outside development.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "changeme",
+        "change-me",
+        "secret",
+        "your-secret-key",
+        "your-256-bit-secret",  # jwt.io's example
+        "dev-secret-do-not-use-in-production-0123456789",  # the compose demo's
+    }
+)
+_MIN_SECRET_LENGTH = 32
 
 
 class Settings(BaseSettings):
@@ -134,6 +163,77 @@ class Settings(BaseSettings):
     shutdown_timeout: PositiveFloat = Field(
         10.0, description="Seconds a worker waits for its connections to end on SIGTERM."
     )
+    environment: Literal["development", "production"] = Field(
+        "production",
+        description=(
+            "`development` allows the demo's placeholder secrets; `production` refuses them."
+        ),
+    )
+    jwt_secret: SecretStr | None = Field(
+        None,
+        description=(
+            "Shared secret of HS256/384/512 tokens (at least 32 characters). With no "
+            "JWT_SECRET, JWT_PUBLIC_KEY_FILE nor API_KEYS, auth is off (development only)."
+        ),
+    )
+    jwt_public_key_file: Path | None = Field(
+        None, description="PEM public key that verifies RS*/PS*/ES*/EdDSA tokens."
+    )
+    jwt_algorithms: list[str] = Field(
+        ["HS256"],
+        description="Algorithms tokens may use (never taken from the token itself).",
+    )
+    jwt_audience: str | None = Field(None, description="Required `aud` of tokens, if set.")
+    jwt_issuer: str | None = Field(None, description="Required `iss` of tokens, if set.")
+    jwt_leeway: Annotated[float, Field(ge=0, le=300)] = Field(
+        10.0, description="Seconds of clock skew allowed when checking `exp` and `nbf`."
+    )
+    anonymous_subscribe: list[str] = Field(
+        [],
+        description=(
+            'Channel patterns a connection without a token may subscribe to, e.g. ["public:*"].'
+        ),
+    )
+    anonymous_publish: list[str] = Field(
+        [], description="Channel patterns a connection without a token may publish to."
+    )
+    authenticated_subscribe: list[str] = Field(
+        [],
+        description="Channel patterns every valid token may subscribe to, besides its claim.",
+    )
+    authenticated_publish: list[str] = Field(
+        [], description="Channel patterns every valid token may publish to, besides its claim."
+    )
+    api_keys: list[SecretStr] = Field(
+        [],
+        description=(
+            "Keys accepted in the X-API-Key header of the HTTP API (several, for rotation). "
+            "With auth on and none set, the HTTP API refuses every request."
+        ),
+    )
+    allowed_origins: list[str] = Field(
+        [],
+        description=(
+            "Origins (scheme://host[:port]) browsers may connect from besides the service's "
+            'own; ["*"] allows any.'
+        ),
+    )
+    max_connections: PositiveInt = Field(
+        10_000, description="WebSocket connections per worker; more are closed with 1013."
+    )
+    max_subscriptions: PositiveInt = Field(
+        100, description="Channels one connection may subscribe to."
+    )
+    publish_rate: PositiveFloat = Field(
+        20.0, description="Publishes per second one connection may make, on average."
+    )
+    publish_burst: PositiveInt = Field(
+        40,
+        description=(
+            "Publishes one connection may make at once. Past the rate it gets `rate_limited`; "
+            "as many refusals again without slowing down close it with 1008."
+        ),
+    )
     log_level: LogLevel = Field("info", description="Log level.")
     demo_page: bool = Field(True, description="Serve the demo chat page at /.")
 
@@ -158,6 +258,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"BROADCAST_URL database must be a number, got {db!r}")
         return value
 
+    @field_validator(
+        "jwt_secret", "jwt_public_key_file", "jwt_audience", "jwt_issuer", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `JWT_SECRET=` in a .env file means "no secret", not an empty one.
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
         if self.workers > 1 and self.backend_scheme == "memory":
@@ -171,12 +279,75 @@ class Settings(BaseSettings):
                 "MAX_DATA_BYTES must be smaller than MAX_FRAME_BYTES so that a frame "
                 "carrying the largest allowed data still fits"
             )
+        self._check_auth()
         if self.history_meta_ttl < self.history_ttl:
             raise ValueError(
                 "HISTORY_META_TTL must be at least HISTORY_TTL: the ids of kept messages must "
                 "stay valid as long as the messages"
             )
         return self
+
+    def _check_auth(self) -> None:
+        algorithms = set(self.jwt_algorithms)
+        unknown = algorithms - HMAC_ALGORITHMS - PUBLIC_KEY_ALGORITHMS
+        if unknown or not algorithms:
+            raise ValueError(
+                f"JWT_ALGORITHMS: unsupported {sorted(unknown) or 'empty list'}; choose from "
+                + ", ".join(sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS))
+            )
+        if self.jwt_secret is not None and self.jwt_public_key_file is not None:
+            raise ValueError("set JWT_SECRET or JWT_PUBLIC_KEY_FILE, not both")
+        if self.jwt_secret is not None:
+            if not algorithms <= HMAC_ALGORITHMS:
+                raise ValueError(
+                    "JWT_SECRET verifies only HS256/HS384/HS512: set JWT_ALGORITHMS to those"
+                )
+            secret = self.jwt_secret.get_secret_value()
+            if self.environment != "development":
+                if secret.strip().lower() in PLACEHOLDER_SECRETS:
+                    raise ValueError(
+                        "JWT_SECRET is a well-known placeholder; generate one, e.g. with "
+                        "`python -c 'import secrets; print(secrets.token_urlsafe(48))'` "
+                        "(ENVIRONMENT=development allows it)"
+                    )
+                if len(secret) < _MIN_SECRET_LENGTH:
+                    raise ValueError(
+                        f"JWT_SECRET must be at least {_MIN_SECRET_LENGTH} characters "
+                        "(ENVIRONMENT=development allows shorter)"
+                    )
+        if self.jwt_public_key_file is not None:
+            if not algorithms <= PUBLIC_KEY_ALGORITHMS:
+                # Accepting HS* with a public key lets anyone sign with that public key.
+                raise ValueError(
+                    "JWT_PUBLIC_KEY_FILE verifies only public-key algorithms (RS256, ES256, "
+                    "...): set JWT_ALGORITHMS to those"
+                )
+            if not self.jwt_public_key_file.is_file():
+                raise ValueError(f"JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not a file")
+        if self.environment != "development":
+            for key in self.api_keys:
+                if key.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+                    raise ValueError("API_KEYS holds a well-known placeholder; generate keys")
+
+    def handover_json(self) -> str:
+        """These settings as JSON for the worker processes, secrets included.
+
+        `model_dump_json` would mask them, and the workers would verify with "**********".
+        """
+        data = self.model_dump(mode="json")
+        data["jwt_secret"] = self.jwt_secret and self.jwt_secret.get_secret_value()
+        data["api_keys"] = [key.get_secret_value() for key in self.api_keys]
+        return json.dumps(data)
+
+    @property
+    def jwt_enabled(self) -> bool:
+        """A key to verify tokens is configured."""
+        return self.jwt_secret is not None or self.jwt_public_key_file is not None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Anything secret is configured; without, the service runs open (development)."""
+        return self.jwt_enabled or bool(self.api_keys)
 
     @property
     def backend_scheme(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -85,7 +86,12 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
         assert field.description, f"{name} has no description"
         shown = entries[name.upper()]
         value = getattr(defaults, name)
-        expected = str(value).lower() if isinstance(value, bool) else str(value)
+        if isinstance(value, bool):
+            expected = str(value).lower()
+        elif isinstance(value, list):
+            expected = json.dumps(value)
+        else:
+            expected = "" if value is None else str(value)
         assert shown == expected, f"{name.upper()}={shown} but the default is {expected}"
     assert set(entries) == {name.upper() for name in Settings.model_fields}
 
