@@ -41,6 +41,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 def _log_config(settings: Settings) -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
+    # On the handlers, so that it sees every record, whichever logger made it.
+    config.setdefault("filters", {})["redact_secrets"] = {"()": "service.logs.RedactSecrets"}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_secrets")
     config["loggers"]["service"] = {
         "handlers": ["default"],
         "level": settings.log_level.upper(),

@@ -13,9 +13,11 @@ from fastapi.staticfiles import StaticFiles
 
 from service import __version__
 from service.api import demo, health, http, ws
+from service.auth import ApiKeys, Authenticator
 from service.broker import Broker
-from service.errors import BrokerUnavailable, ProtocolError
+from service.errors import BrokerUnavailable, ProtocolError, Unauthorized
 from service.hub import Hub
+from service.limits import ConnectionSlots
 from service.metrics import Metrics
 from service.protocol.codes import ErrorCode
 from service.protocol.commands import Limits
@@ -52,7 +54,11 @@ def create_app(settings: Settings) -> FastAPI:
                 metrics=metrics,
                 worker_id=worker_id,
                 limits=Limits(settings.max_channel_length, settings.max_data_bytes),
+                authenticator=Authenticator(settings),
+                api_keys=ApiKeys(settings.api_keys),
+                slots=ConnectionSlots(settings.max_connections),
             )
+            _warn_about_open_doors(settings)
             logger.info(
                 "worker %s ready to serve, backend %s, prefix %r",
                 worker_id,
@@ -77,6 +83,14 @@ def create_app(settings: Settings) -> FastAPI:
         status = _PROTOCOL_ERROR_STATUS.get(exc.code, 400)
         return JSONResponse({"error": exc.code.value, "message": exc.message}, status_code=status)
 
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            {"error": exc.code.value, "message": exc.message},
+            status_code=401,
+            headers={"WWW-Authenticate": "X-API-Key"},
+        )
+
     @app.exception_handler(BrokerUnavailable)
     async def broker_unavailable(request: Request, exc: BrokerUnavailable) -> JSONResponse:
         return JSONResponse(
@@ -86,6 +100,23 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     return app
+
+
+def _warn_about_open_doors(settings: Settings) -> None:
+    if not settings.auth_enabled:
+        logger.warning(
+            "AUTH IS OFF: no JWT_SECRET, JWT_PUBLIC_KEY_FILE or API_KEYS is set, so anyone "
+            "may subscribe and publish to any channel, over WebSocket and HTTP. Fine for "
+            "development; set them before exposing this service (docs/security.md)."
+        )
+        return
+    if not settings.api_keys:
+        logger.warning("no API_KEYS set: the HTTP API (publish, history) refuses every request")
+    if not settings.jwt_enabled:
+        logger.warning(
+            "no JWT_SECRET or JWT_PUBLIC_KEY_FILE set: WebSocket clients get only the "
+            "ANONYMOUS_* channels, and tokens are refused"
+        )
 
 
 def create_app_from_environment() -> FastAPI:

@@ -2,6 +2,7 @@
 
 ServiceError
  ├── ProtocolError        -> `error` frame with its code (HTTP 400/413); connection carries on
+ ├── Unauthorized         -> HTTP 401 (the HTTP API's key)
  └── BrokerUnavailable    -> `error` frame `unavailable` / HTTP 503; retry later
 """
 
@@ -29,6 +30,12 @@ class ProtocolError(ServiceError):
     def __init__(self, code: ErrorCode, message: str, *, ref: Ref | None = None) -> None:
         super().__init__(message, ref=ref)
         self.code = code
+
+
+class Unauthorized(ServiceError):
+    """The HTTP API was called without a valid API key (HTTP 401)."""
+
+    code = ErrorCode.UNAUTHORIZED
 
 
 class BrokerUnavailable(ServiceError):

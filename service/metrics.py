@@ -43,6 +43,11 @@ class Metrics:
             "Connections closed with 1013 because their outbox was full.",
             registry=self.registry,
         )
+        self.refused_connections = Counter(
+            "broadcast_refused_connections",
+            "WebSocket connections closed with 1013 at once because the worker was full.",
+            registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "broadcast_protocol_errors",
             "Error frames sent, by code.",

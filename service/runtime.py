@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.auth import ApiKeys, Authenticator
 from service.broker import Broker
 from service.hub import Hub
+from service.limits import ConnectionSlots
 from service.metrics import Metrics
 from service.protocol.commands import Limits
 from service.settings import Settings
@@ -21,3 +23,6 @@ class Runtime:
     metrics: Metrics
     worker_id: str
     limits: Limits
+    authenticator: Authenticator
+    api_keys: ApiKeys
+    slots: ConnectionSlots

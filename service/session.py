@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from starlette.websockets import WebSocket
 
+from service.auth import InvalidToken, Principal
 from service.channels import validate_channel
 from service.connection import Connection
-from service.errors import BrokerUnavailable, ProtocolError, ServiceError
+from service.errors import BrokerUnavailable, ProtocolError, Ref, ServiceError
 from service.hub import Joined
+from service.limits import PublishLimiter
 from service.protocol import frames
 from service.protocol.codes import CloseCode, ErrorCode
 from service.protocol.commands import (
     Command,
     Ping,
     Publish,
+    Refresh,
     Subscribe,
     Unsubscribe,
     encode_json_value,
@@ -32,7 +37,7 @@ _BINARY_MESSAGE = "binary frames are not supported: send JSON text frames"
 class _ChannelSession(Connection):
     """A connection that is a member of hub channels and publishes through the broker."""
 
-    def __init__(self, websocket: WebSocket, runtime: Runtime) -> None:
+    def __init__(self, websocket: WebSocket, runtime: Runtime, principal: Principal) -> None:
         settings = runtime.settings
         super().__init__(
             websocket,
@@ -43,6 +48,9 @@ class _ChannelSession(Connection):
             metrics=runtime.metrics,
         )
         self._rt = runtime
+        self._principal = principal
+        self._publishes = PublishLimiter(settings.publish_rate, settings.publish_burst)
+        self._expiry: asyncio.TimerHandle | None = None
         # channel -> the `info` it announced itself with (None: no join/leave events)
         self._channels: dict[str, bytes | None] = {}
         self._left: list[tuple[str, bytes]] = []
@@ -55,6 +63,51 @@ class _ChannelSession(Connection):
     async def handle_bytes(self, data: bytes) -> None:
         """Binary frames are answered with an error; the connection carries on."""
         self.send_error(ProtocolError(ErrorCode.BINARY_NOT_SUPPORTED, _BINARY_MESSAGE))
+
+    def _may_publish(self, channel: str, ref: Ref | None) -> None:
+        """Raise unless this connection may publish to `channel` now."""
+        if not self._principal.may_publish(channel):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"not allowed to publish to {channel!r}", ref=ref
+            )
+        if self._publishes.allow():
+            return
+        error = ProtocolError(
+            ErrorCode.RATE_LIMITED,
+            f"more than {self._rt.settings.publish_rate:g} publishes per second: slow down",
+            ref=ref,
+        )
+        if self._publishes.abusive():
+            # Refused again and again without slowing down: not a client that listens.
+            self.send_error(error)
+            self.close(CloseCode.POLICY_VIOLATION, "publish rate limit exceeded repeatedly")
+        raise error
+
+    def _may_subscribe(self, channel: str, ref: Ref | None) -> None:
+        """Raise unless this connection may subscribe to `channel`."""
+        if not self._principal.may_subscribe(channel):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel!r}", ref=ref
+            )
+        if len(self._channels) >= self._rt.settings.max_subscriptions:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self._rt.settings.max_subscriptions} subscriptions per connection",
+                ref=ref,
+            )
+
+    def _watch_expiry(self) -> None:
+        """Close the connection with 1008 when its token expires (unless refreshed)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        expires_at = self._principal.expires_at
+        if expires_at is not None:
+            # The token was accepted with the leeway; it lapses with it too.
+            delay = expires_at + self._rt.settings.jwt_leeway - time.time()
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, delay), self.close, CloseCode.POLICY_VIOLATION, "token expired"
+            )
 
     async def _join(
         self,
@@ -87,7 +140,12 @@ class _ChannelSession(Connection):
 
     async def run(self) -> None:
         """Serve the connection, then announce the departures it owes."""
-        await super().run()
+        self._watch_expiry()
+        try:
+            await super().run()
+        finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
         left, self._left = self._left, []
         for channel, info in left:
             await self._announce("leave", channel, info)
@@ -107,6 +165,7 @@ class Session(_ChannelSession):
     async def _execute(self, command: Command) -> None:
         match command:
             case Publish(channel, data, ref):
+                self._may_publish(channel, ref)
                 try:
                     message_id = await self._rt.broker.publish(channel, data)
                 except BrokerUnavailable as exc:
@@ -119,6 +178,7 @@ class Session(_ChannelSession):
                     raise ProtocolError(
                         ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}", ref=ref
                     )
+                self._may_subscribe(channel, ref)
 
                 def reply(joined: Joined) -> None:
                     # Called by the hub just before the channel's first frame can be queued.
@@ -144,23 +204,43 @@ class Session(_ChannelSession):
                     await self._announce("leave", channel, info)
             case Ping(ref):
                 self.deliver(frames.pong(ref))
+            case Refresh(token, ref):
+                try:
+                    principal = self._rt.authenticator.authenticate(token)
+                except InvalidToken as exc:
+                    raise ProtocolError(ErrorCode.INVALID_TOKEN, exc.reason, ref=ref) from None
+                if principal.subject != self._principal.subject:
+                    raise ProtocolError(
+                        ErrorCode.INVALID_TOKEN, "the new token is for another subject", ref=ref
+                    )
+                # New permissions apply to later commands; subscriptions made stay.
+                self._principal = principal
+                self._watch_expiry()
+                self.deliver(frames.refreshed(principal.expires_at, ref))
 
 
 class SimpleSession(_ChannelSession):
     """`/ws/{channel}`: subscribed at once; each text frame is published as string data."""
 
-    def __init__(self, websocket: WebSocket, runtime: Runtime, channel: str) -> None:
-        super().__init__(websocket, runtime)
+    def __init__(
+        self, websocket: WebSocket, runtime: Runtime, principal: Principal, channel: str
+    ) -> None:
+        super().__init__(websocket, runtime, principal)
         self._channel = channel
 
     async def run(self) -> None:
         """Join the channel from the URL, then serve the connection."""
         try:
             validate_channel(self._channel, self._rt.limits.max_channel_length)
+            self._may_subscribe(self._channel, None)
             await self._join(self._channel, None)
         except ProtocolError as exc:
             self.send_error(exc)
-            self.close(CloseCode.POLICY_VIOLATION, "invalid channel name")
+            forbidden = exc.code is ErrorCode.FORBIDDEN
+            self.close(
+                CloseCode.POLICY_VIOLATION,
+                "forbidden channel" if forbidden else "invalid channel name",
+            )
         except BrokerUnavailable as exc:
             self.send_error(exc)
             self.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable, retry later")
@@ -170,6 +250,7 @@ class SimpleSession(_ChannelSession):
         """Publish the frame's text to the channel."""
         try:
             data = encode_json_value(text, self._rt.limits, "message", None)
+            self._may_publish(self._channel, None)
             await self._rt.broker.publish(self._channel, data)
         except ServiceError as exc:
             self.send_error(exc)

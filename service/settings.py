@@ -49,7 +49,15 @@ PLACEHOLDER_SECRETS = frozenset(
         "dev-secret-do-not-use-in-production-0123456789",  # the compose demo's
     }
 )
-_MIN_SECRET_LENGTH = 32
+# Bytes an HMAC secret needs: the hash's size (RFC 7518 3.2; PyJWT warns below it).
+_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+_MIN_API_KEY_LENGTH = 16
+# Which public-key algorithms each kind of key verifies.
+_KEY_ALGORITHMS = {
+    "RSA": {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"},
+    "EC": {"ES256", "ES384", "ES512"},
+    "Ed": {"EdDSA"},
+}
 
 
 class Settings(BaseSettings):
@@ -303,18 +311,18 @@ class Settings(BaseSettings):
                     "JWT_SECRET verifies only HS256/HS384/HS512: set JWT_ALGORITHMS to those"
                 )
             secret = self.jwt_secret.get_secret_value()
-            if self.environment != "development":
-                if secret.strip().lower() in PLACEHOLDER_SECRETS:
-                    raise ValueError(
-                        "JWT_SECRET is a well-known placeholder; generate one, e.g. with "
-                        "`python -c 'import secrets; print(secrets.token_urlsafe(48))'` "
-                        "(ENVIRONMENT=development allows it)"
-                    )
-                if len(secret) < _MIN_SECRET_LENGTH:
-                    raise ValueError(
-                        f"JWT_SECRET must be at least {_MIN_SECRET_LENGTH} characters "
-                        "(ENVIRONMENT=development allows shorter)"
-                    )
+            if self.environment != "development" and secret.strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    "JWT_SECRET is a well-known placeholder; generate one, e.g. with "
+                    "`python -c 'import secrets; print(secrets.token_urlsafe(64))'` "
+                    "(ENVIRONMENT=development allows it)"
+                )
+            needed = max(_MIN_SECRET_BYTES[algorithm] for algorithm in algorithms)
+            if len(secret.strip().encode()) < needed:
+                raise ValueError(
+                    f"JWT_SECRET must be at least {needed} bytes for "
+                    f"{', '.join(sorted(algorithms))}"
+                )
         if self.jwt_public_key_file is not None:
             if not algorithms <= PUBLIC_KEY_ALGORITHMS:
                 # Accepting HS* with a public key lets anyone sign with that public key.
@@ -322,12 +330,15 @@ class Settings(BaseSettings):
                     "JWT_PUBLIC_KEY_FILE verifies only public-key algorithms (RS256, ES256, "
                     "...): set JWT_ALGORITHMS to those"
                 )
-            if not self.jwt_public_key_file.is_file():
-                raise ValueError(f"JWT_PUBLIC_KEY_FILE {self.jwt_public_key_file} is not a file")
-        if self.environment != "development":
-            for key in self.api_keys:
-                if key.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
-                    raise ValueError("API_KEYS holds a well-known placeholder; generate keys")
+            _check_public_key(self.jwt_public_key_file, algorithms)
+        for key in self.api_keys:
+            value = key.get_secret_value().strip()
+            if self.environment != "development" and value.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("API_KEYS holds a well-known placeholder; generate keys")
+            if len(value) < _MIN_API_KEY_LENGTH:
+                raise ValueError(
+                    f"each of API_KEYS needs at least {_MIN_API_KEY_LENGTH} characters"
+                )
 
     def handover_json(self) -> str:
         """These settings as JSON for the worker processes, secrets included.
@@ -365,3 +376,28 @@ class Settings(BaseSettings):
             return self.broadcast_url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         return parts._replace(netloc=netloc).geturl()
+
+
+def _check_public_key(path: Path, algorithms: set[str]) -> None:
+    """Refuse at start a key file that cannot verify the configured algorithms."""
+    # Imported here: only a deployment with a key file needs cryptography loaded.
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"JWT_PUBLIC_KEY_FILE {path}: not a PEM public key ({exc})") from None
+    kinds = {
+        "RSA": isinstance(key, rsa.RSAPublicKey),
+        "EC": isinstance(key, ec.EllipticCurvePublicKey),
+        "Ed": isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey),
+    }
+    kind = next((name for name, matches in kinds.items() if matches), None)
+    usable = _KEY_ALGORITHMS.get(kind or "", set())
+    if not algorithms <= usable:
+        raise ValueError(
+            f"JWT_PUBLIC_KEY_FILE holds a {kind or 'unsupported'} key, which cannot verify "
+            f"{', '.join(sorted(algorithms - usable))}: set JWT_ALGORITHMS to some of "
+            f"{', '.join(sorted(usable)) or 'nothing'}"
+        )

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import get_runtime
-from service.runtime import Runtime
+from service.api.deps import RuntimeDep
 
 router = APIRouter()
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 @router.get("/healthz")

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from service.api.deps import get_runtime
+from service.api.deps import RuntimeDep, require_api_key
 from service.broker import HistoryRead, Position
 from service.channels import validate_channel
 from service.errors import ProtocolError
 from service.protocol.codes import ErrorCode
 from service.protocol.commands import encode_json_value
-from service.runtime import Runtime
 
-router = APIRouter(prefix="/api")
+# Backends only: every route needs one of API_KEYS (when auth is on).
+router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
 
 _DEFAULT_HISTORY_LIMIT = 100
 _MAX_HISTORY_LIMIT = 1000
@@ -38,9 +38,7 @@ _BODY_SCHEMA: dict[str, Any] = {
 
 
 @router.post("/channels/{channel}/messages", openapi_extra=_BODY_SCHEMA)
-async def publish(
-    channel: str, request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
-) -> dict[str, str]:
+async def publish(channel: str, request: Request, runtime: RuntimeDep) -> dict[str, str]:
     """Publish `data` to `channel`; returns the message id."""
     limits = runtime.limits
     validate_channel(channel, limits.max_channel_length)
@@ -80,7 +78,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 @router.get("/channels/{channel}/history")
 async def history(
     channel: str,
-    runtime: Annotated[Runtime, Depends(get_runtime)],
+    runtime: RuntimeDep,
     since: str | None = None,
     limit: str | None = None,
 ) -> Response:

@@ -59,7 +59,15 @@ class Ping:
     ref: Ref | None = None
 
 
-Command = Subscribe | Unsubscribe | Publish | Ping
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """`refresh`: replace the connection's token before it expires."""
+
+    token: str
+    ref: Ref | None = None
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping | Refresh
 
 
 def encode_json_value(value: object, limits: Limits, what: str, ref: Ref | None) -> bytes:
@@ -128,10 +136,15 @@ def parse_command(text: str | bytes, limits: Limits) -> Command:
         return Unsubscribe(channel, ref)
     if kind == "ping":
         return Ping(ref)
+    if kind == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, "refresh needs a token", ref=ref)
+        return Refresh(token, ref)
     if kind is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, 'frame has no "type" field', ref=ref)
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        f"unknown type {kind!r}; expected subscribe, unsubscribe, publish or ping",
+        f"unknown type {kind!r}; expected subscribe, unsubscribe, publish, ping or refresh",
         ref=ref,
     )

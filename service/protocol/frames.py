@@ -94,6 +94,11 @@ def published(channel: str, message_id: str, ref: Ref | None) -> str:
     return _encode({"type": "published", "channel": channel, "id": message_id}, ref)
 
 
+def refreshed(expires: float | None, ref: Ref | None) -> str:
+    """Reply to `refresh`: the new token's expiry (Unix time)."""
+    return _encode({"type": "refreshed", "expires": expires}, ref)
+
+
 def pong(ref: Ref | None) -> str:
     """Reply to `ping`."""
     return _encode({"type": "pong"}, ref)

@@ -31,6 +31,9 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.e2e
 
+# Publishers here go as fast as they can from one connection; the limit has its own tests.
+UNLIMITED = ("--publish-rate", "100000", "--publish-burst", "100000")
+
 
 async def collect(client: Client, count: int) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
@@ -44,7 +47,7 @@ async def collect(client: Client, count: int) -> list[dict[str, Any]]:
 async def test_every_subscriber_on_every_worker_gets_everything_once_in_one_order(
     make_workers: WorkersFactory, redis_server: RedisServer, prefix: str
 ) -> None:
-    workers = make_workers(3, *redis_args(redis_server, prefix))
+    workers = make_workers(3, *redis_args(redis_server, prefix, *UNLIMITED))
     channel = unique("orders")
     subscribers: list[Client] = []
     for worker in workers:
@@ -99,7 +102,7 @@ async def test_every_subscriber_on_every_worker_gets_everything_once_in_one_orde
 async def test_a_burst_of_clients_on_a_fresh_channel_all_receive(
     make_workers: WorkersFactory, redis_server: RedisServer, prefix: str
 ) -> None:
-    workers = make_workers(3, *redis_args(redis_server, prefix))
+    workers = make_workers(3, *redis_args(redis_server, prefix, *UNLIMITED))
     channel = unique("burst")
     per_worker = 200
 

@@ -23,6 +23,12 @@ def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
             "4000",
             "--channel-linger",
             "0.2",
+            # These tests publish as fast as they can from one connection; the limit has
+            # tests of its own.
+            "--publish-rate",
+            "100000",
+            "--publish-burst",
+            "100000",
         ),
     )
     worker.start()

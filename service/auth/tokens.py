@@ -1,0 +1,120 @@
+"""Tokens to principals: JWT verification with PyJWT, on the settings' terms only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+
+from service.auth.principal import CHANNELS_CLAIM, EVERYONE, Principal
+from service.settings import Settings
+
+
+class InvalidToken(Exception):
+    """A token was refused. `reason` is short and safe to show the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# PyJWT's exceptions, most specific first, to the few words a client is told.
+_REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidAudienceError, "token for another audience"),
+    (jwt.InvalidIssuerError, "token from another issuer"),
+    (jwt.MissingRequiredClaimError, "token lacks a required claim"),
+    (jwt.InvalidAlgorithmError, "token algorithm not allowed"),
+    (jwt.InvalidSignatureError, "bad token signature"),
+    (jwt.DecodeError, "malformed token"),
+)
+
+
+class Authenticator:
+    """Verifies tokens with the configured key and algorithms and builds principals."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._key: Any = None
+        if settings.jwt_secret is not None:
+            self._key = settings.jwt_secret.get_secret_value()
+        elif settings.jwt_public_key_file is not None:
+            self._key = settings.jwt_public_key_file.read_text()
+        self._enabled = settings.auth_enabled
+        # From settings only: the token's own `alg` header is never trusted.
+        self._algorithms = list(settings.jwt_algorithms)
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self._leeway = settings.jwt_leeway
+        self._anonymous = Principal(
+            None, tuple(settings.anonymous_subscribe), tuple(settings.anonymous_publish)
+        )
+        self._granted = (
+            tuple(settings.authenticated_subscribe),
+            tuple(settings.authenticated_publish),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """False in development mode (nothing secret configured): everyone may do anything."""
+        return self._enabled
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal of `token` (anonymous without one); raises `InvalidToken`."""
+        if not self._enabled:
+            return EVERYONE
+        if token is None:
+            if not (self._anonymous.subscribe or self._anonymous.publish):
+                raise InvalidToken("token required")
+            return self._anonymous
+        return self._verify(token)
+
+    def _verify(self, token: str) -> Principal:
+        if self._key is None:
+            raise InvalidToken("tokens are not accepted here")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp"], "verify_aud": self._audience is not None},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(_reason(exc)) from None
+        except (UnicodeError, ValueError):
+            # Text that is not even encodable, which PyJWT does not wrap.
+            raise InvalidToken("malformed token") from None
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise InvalidToken("token lacks a subject")
+        subscribe, publish = _channels(claims.get(CHANNELS_CLAIM))
+        return Principal(
+            subject,
+            subscribe + self._granted[0],
+            publish + self._granted[1],
+            expires_at=float(claims["exp"]),
+        )
+
+
+def _reason(exc: jwt.PyJWTError) -> str:
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "invalid token"
+
+
+def _channels(claim: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if claim is None:
+        return (), ()
+    if not isinstance(claim, dict):
+        raise InvalidToken(f"claim {CHANNELS_CLAIM!r} must be an object")
+    lists = []
+    for action in ("subscribe", "publish"):
+        patterns = claim.get(action, [])
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise InvalidToken(f"claim {CHANNELS_CLAIM}.{action} must be a list of patterns")
+        lists.append(tuple(patterns))
+    return lists[0], lists[1]
