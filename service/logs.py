@@ -5,27 +5,35 @@ from __future__ import annotations
 import logging
 import re
 
-# `token=...` (and `access_token=`, `api_key=`) in a URL's query string: uvicorn logs the
-# request line of every request and WebSocket handshake, query string included.
-_SECRET_PARAMETER = re.compile(r"(?i)\b((?:access_)?token|api_key|apikey)=[^&\s\"']*")
+_SECRETS = (
+    # `token=...` in a query string or a cookie: uvicorn logs the request line of every
+    # request and handshake, query string included.
+    (re.compile(r"(?i)\b((?:access_)?token|api_?key)=[^&\s\"';]*"), r"\1=[redacted]"),
+    # Header lines, as websockets logs them at debug level.
+    (re.compile(r"(?i)\b(authorization|x-api-key)(\W{1,3})[^\r\n]*"), r"\1\2[redacted]"),
+    # A JWT anywhere (a `refresh` frame logged at debug level, say).
+    (re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]*"), "[redacted token]"),
+)
 
 
 def redact(text: str) -> str:
-    """`text` with the values of secret query parameters replaced."""
-    return _SECRET_PARAMETER.sub(r"\1=[redacted]", text)
+    """`text` with tokens, keys and secret query parameters replaced."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class RedactSecrets(logging.Filter):
-    """Redacts secret query parameters from a record's message and arguments."""
+    """Redacts secrets from every record a handler emits."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place; never drops it."""
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if isinstance(record.args, tuple):
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            # Its formatter unpacks the arguments (client, method, path, version, status).
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        elif isinstance(record.args, dict):
-            record.args = {
-                k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()
-            }
+            return True
+        # Anything else: redact the finished message, whichever argument held the secret
+        # (websockets logs a header's name and value as two).
+        record.msg = redact(record.getMessage())
+        record.args = ()
         return True
