@@ -164,6 +164,13 @@ class Connection:
                 await self._wakeup.wait()
         except (WebSocketDisconnect, WebSocketDisconnected):
             self._client_gone = True
+        except RuntimeError as exc:
+            # uvicorn closed the connection itself (a frame over the size limit: 1009)
+            # before the reader saw it, and refuses later sends with a RuntimeError
+            # ("Unexpected ASGI message 'websocket.send', after sending 'websocket.close'").
+            if "websocket.close" not in str(exc):
+                raise
+            self._client_gone = True
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> list[BaseException | None]:
