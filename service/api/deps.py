@@ -55,9 +55,10 @@ async def connection_principal(
     bearer = None
     if authorization is not None:
         scheme, _, value = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            _refuse("malformed Authorization header")
-        bearer = value.strip()
+        # Other schemes are not ours: a browser resends cached Basic credentials to a site
+        # behind nginx's auth_basic, on WebSocket handshakes too.
+        if scheme.lower() == "bearer":
+            bearer = value.strip() or None
     try:
         return runtime.authenticator.authenticate(bearer or token or token_cookie)
     except InvalidToken as exc:

@@ -25,6 +25,7 @@ from service.client.events import (
     Subscribed,
     Welcome,
 )
+from service.client.tokens import TokenProvider
 
 __all__ = [
     "Client",
@@ -39,6 +40,7 @@ __all__ = [
     "State",
     "StateChanged",
     "Subscribed",
+    "TokenProvider",
     "Welcome",
     "backoff",
     "retry_delay",

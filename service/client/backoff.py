@@ -25,6 +25,10 @@ RECONNECT_CODES = frozenset(
     }
 )
 
+# The reason of the 1008 a worker closes with when the connection's token lapses: with a
+# token provider, a new connection (with a fresh token) is the cure.
+TOKEN_EXPIRED = "token expired"
+
 # After 1013 the server asked for patience (slow consumer, broker down).
 TRY_AGAIN_LATER_BASE = 1.0
 
@@ -34,8 +38,14 @@ _MAX_EXPONENT = 62
 Uniform = Callable[[float, float], float]
 
 
-def should_reconnect(code: int | None) -> bool:
-    """Whether to reconnect after a connection closed with `code` (None: attempt failed)."""
+def should_reconnect(code: int | None, reason: str = "", *, fresh_token: bool = False) -> bool:
+    """Whether to reconnect after a connection closed with `code` (None: attempt failed).
+
+    `fresh_token`: the client can get a new token (it has a provider), so a 1008 with
+    the reason `token expired` is worth a new connection.
+    """
+    if code == CloseCode.POLICY_VIOLATION and reason == TOKEN_EXPIRED:
+        return fresh_token
     return code is None or code in RECONNECT_CODES
 
 

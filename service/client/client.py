@@ -1,9 +1,9 @@
 """`Client`: protocol v1 over one connection at a time, reconnecting and resuming.
 
-One background task owns the connection: it connects (rotating through the URLs),
-reads frames and turns them into events, and after a loss waits as `backoff` says and
-connects again. The public methods send on the current connection and wait for the
-reply that echoes their `ref`.
+One background task owns the connection: it fetches the token, connects (rotating
+through the URLs), reads frames and turns them into events, and after a loss waits as
+`backoff` says and connects again. The public methods send on the current connection
+and wait for the reply that echoes their `ref`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
@@ -36,10 +36,15 @@ from service.client.events import (
     Subscribed,
     Welcome,
 )
+from service.client.tokens import Token, auth_headers, fetch_token, refused
 
 logger = logging.getLogger(__name__)
 
 _UNAVAILABLE = "unavailable"
+# The reason reported when the server refused the handshake (HTTP 403) for good.
+_REFUSED = "handshake refused"
+
+_T = TypeVar("_T")
 
 
 def _dumps(value: Any) -> str:
@@ -73,13 +78,16 @@ class Client:
 
     `urls` is one WebSocket URL or a list, tried in turn on each reconnect. Use it as
     `async with Client(url) as client:`; entering starts connecting in the background,
-    leaving closes the connection and stops reconnecting.
+    leaving closes the connection and stops reconnecting. `token` is a JWT, or a
+    function (possibly async) that returns one: it is called before every connection
+    attempt, and the token goes out as `Authorization: Bearer <token>`.
     """
 
     def __init__(
         self,
         urls: str | Sequence[str],
         *,
+        token: Token = None,
         min_delay: float = 0.25,
         max_delay: float = 10.0,
         open_timeout: float = 5.0,
@@ -89,6 +97,7 @@ class Client:
             raise ValueError("Client needs at least one URL")
         for url in self._urls:
             parse_uri(url)  # a malformed URL is a bug to report now, not a reason to retry
+        self._token = token
         self._min_delay = min_delay
         self._max_delay = max_delay
         self._open_timeout = open_timeout
@@ -108,6 +117,7 @@ class Client:
         self._subscribes: dict[int, str] = {}
         self._unsubscribes: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._publishes: dict[int, asyncio.Future[str]] = {}
+        self._refreshes: dict[int, asyncio.Future[float | None]] = {}
         self._retries: set[asyncio.Task[None]] = set()
         # Retries since the last `welcome`, and the last close code among them.
         self._attempt = 0
@@ -226,25 +236,50 @@ class Client:
         closes before the reply (it may or may not have been published), and
         `NotConnected` at once when there is no open connection: nothing is queued.
         """
+        return await self._request(
+            self._publishes, {"type": "publish", "channel": channel, "data": data}
+        )
+
+    async def refresh(self, token: str | None = None) -> float | None:
+        """Replace the connection's token before it expires; the new token's `exp`.
+
+        Without `token`, sends what the next connection attempt would: the provider's
+        answer (it is called), or the fixed token. A fixed token is replaced by the
+        refreshed one for later connections. Raises `ClientError` on an error reply
+        (`invalid_token`: invalid, expired, or for another `sub`), `ConnectionLost` and
+        `NotConnected` as `publish` does. None: the server does not check tokens.
+        """
+        if not self._open:
+            raise NotConnected()
+        fresh = token or await fetch_token(self._token)
+        if fresh is None:
+            raise ValueError("refresh() needs a token: the client was given none")
+        expires = await self._request(self._refreshes, {"type": "refresh", "token": fresh})
+        if not callable(self._token):
+            self._token = fresh  # a reconnect must not go back to the old token
+        return expires
+
+    async def _request(self, replies: dict[int, asyncio.Future[_T]], frame: dict[str, Any]) -> _T:
+        """Send `frame` with a new `ref` and wait for the reply that `replies` receives."""
         ws = self._ws
         if ws is None or not self._open:
             raise NotConnected()
         ref = next(self._refs)
-        text = _dumps({"type": "publish", "channel": channel, "data": data, "ref": ref})
-        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        text = _dumps({**frame, "ref": ref})
+        reply: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         # Registered before sending: the reply may be read while send() is still awaiting.
-        self._publishes[ref] = reply
+        replies[ref] = reply
         try:
             await ws.send(text)
         except ConnectionClosed:
-            self._publishes.pop(ref, None)
+            replies.pop(ref, None)
             if reply.done() and not reply.cancelled():
                 reply.exception()  # failed by the reader already: mark it retrieved
             raise ConnectionLost() from None
         try:
             return await reply
         finally:
-            self._publishes.pop(ref, None)
+            replies.pop(ref, None)
 
     # -- the background task ----------------------------------------------------------
 
@@ -264,25 +299,21 @@ class Client:
             if index > 0:
                 self._set_state(State.CONNECTING)  # start() reported the first attempt
             code: int | None
+            provider = callable(self._token)
             try:
-                ws = await connect(
-                    url,
-                    open_timeout=self._open_timeout,
-                    close_timeout=self._open_timeout,
-                    # The server bounds its frames; refusing one would end the client.
-                    max_size=None,
-                )
-            except (OSError, TimeoutError, WebSocketException) as exc:
-                code, reason = None, f"cannot connect to {url}: {exc}"
-                logger.debug("%s", reason)
+                token = await fetch_token(self._token)
+            except Exception as exc:
+                # Like a network failure: the provider's backend may be back next time.
+                code, reason = None, f"token provider failed: {exc!r}"
+                logger.warning("service.client: %s", reason)
             else:
-                code, reason = await self._serve(ws)
-                if not should_reconnect(code):
+                code, reason = await self._attempt_once(url, token, provider)
+                if not should_reconnect(code, reason, fresh_token=provider):
                     self._finish(code, reason)
                     return
                 # As in the browser client, which cannot tell a broken connection (1006)
                 # from a failed attempt: neither changes the cause.
-                if code != CloseCode.ABNORMAL_CLOSURE:
+                if code is not None and code != CloseCode.ABNORMAL_CLOSURE:
                     self._cause = code
             delay = retry_delay(
                 self._attempt, self._cause, min_delay=self._min_delay, max_delay=self._max_delay
@@ -290,6 +321,28 @@ class Client:
             self._attempt += 1
             self._set_state(State.RECONNECTING, code, reason, delay)
             await asyncio.sleep(delay)
+
+    async def _attempt_once(
+        self, url: str, token: str | None, provider: bool
+    ) -> tuple[int | None, str]:
+        """Connect to `url` and serve the connection; how it ended (None: attempt failed)."""
+        try:
+            ws = await connect(
+                url,
+                additional_headers=auth_headers(token),
+                open_timeout=self._open_timeout,
+                close_timeout=self._open_timeout,
+                # The server bounds its frames; refusing one would end the client.
+                max_size=None,
+            )
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            reason = f"cannot connect to {url}: {exc}"
+            logger.debug("%s", reason)
+            if refused(exc) and not provider:
+                # The same token (or none) would be refused again: stop, as after 1008.
+                return CloseCode.POLICY_VIOLATION, f"{_REFUSED}: {exc}"
+            return None, reason
+        return await self._serve(ws)
 
     async def _serve(self, ws: ClientConnection) -> tuple[int, str]:
         """Read `ws` until it closes; how it closed (1006 when no close frame came)."""
@@ -329,6 +382,10 @@ class Client:
             if not reply.done():
                 reply.set_exception(ConnectionLost())
         self._publishes.clear()
+        for refreshed in self._refreshes.values():
+            if not refreshed.done():
+                refreshed.set_exception(ConnectionLost())
+        self._refreshes.clear()
         for _, done in self._unsubscribes.values():
             if not done.done():
                 done.set_result(None)
@@ -391,6 +448,8 @@ class Client:
             await self._on_welcome(ws, str(frame.get("worker", "")))
         elif kind == "error":
             self._on_error(ws, frame, ref)
+        elif kind == "refreshed":
+            self._on_refreshed(frame, ref)
         elif (channel := _str_or_none(frame.get("channel"))) is None:
             return  # every other frame we know names its channel; ignore what we do not
         elif kind == "message":
@@ -424,6 +483,14 @@ class Client:
         for sub in list(self._channels.values()):
             await self._send_subscribe(ws, sub)
 
+    def _on_refreshed(self, frame: dict[str, Any], ref: int | None) -> None:
+        reply = self._refreshes.pop(ref, None) if ref is not None else None
+        expires = frame.get("expires")
+        if isinstance(expires, bool) or not isinstance(expires, int | float):
+            expires = None  # null: the server does not check tokens
+        if reply is not None and not reply.done():
+            reply.set_result(None if expires is None else float(expires))
+
     def _on_subscribed(self, channel: str, frame: dict[str, Any], ref: int | None) -> None:
         if ref is not None:
             self._subscribes.pop(ref, None)
@@ -446,6 +513,10 @@ class Client:
         if ref is not None and (reply := self._publishes.pop(ref, None)) is not None:
             if not reply.done():
                 reply.set_exception(ClientError(code, message))
+            return
+        if ref is not None and (refreshed := self._refreshes.pop(ref, None)) is not None:
+            if not refreshed.done():
+                refreshed.set_exception(ClientError(code, message))
             return
         if ref is not None and ref in self._unsubscribes:
             left, done = self._unsubscribes.pop(ref)

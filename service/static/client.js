@@ -2,7 +2,7 @@
 // reconnection, worker failover and resume, as docs/clients.md describes.
 //
 //   import { BroadcastClient } from "/static/client.js";
-//   const client = new BroadcastClient([`ws://${location.host}/ws`]);
+//   const client = new BroadcastClient([`ws://${location.host}/ws`], { token: getToken });
 //   client.addEventListener("message", (e) => show(e.detail.channel, e.detail.data));
 //   client.subscribe("chat:lobby");
 //   client.connect();
@@ -18,6 +18,10 @@ const TRY_AGAIN_LATER_BASE = 1000;
 // Not a code a server sends: the browser's way of saying an attempt failed or a
 // connection broke, which it does not tell apart.
 const ABNORMAL_CLOSURE = 1006;
+// The reason of the 1008 a worker closes with when the connection's token lapses: with
+// a token provider, a new connection (with a fresh token) is the cure.
+const POLICY_VIOLATION = 1008;
+const TOKEN_EXPIRED = "token expired";
 
 /** An Error with the protocol error code (or "not_connected", "connection_lost"). */
 function clientError(code, message) {
@@ -32,11 +36,20 @@ function backoff(n, base, max) {
   return Math.min(max, base * 2 ** n) * (0.5 + Math.random() / 2);
 }
 
+/** `url` with `token` as its `token` query parameter (the rest of the query kept). */
+function withToken(url, token) {
+  if (!token) return url;
+  const parsed = new URL(url);
+  parsed.searchParams.set("token", token); // URL-encoded by URLSearchParams
+  return parsed.href;
+}
+
 export class BroadcastClient extends EventTarget {
   #urls;
   #minDelay;
   #maxDelay;
   #openTimeout;
+  #token; // a string, a function returning one (or a Promise of one), or undefined
   #state = "closed";
   #worker = null;
   #running = false;
@@ -58,9 +71,11 @@ export class BroadcastClient extends EventTarget {
 
   /**
    * @param {string | string[]} urls one URL (a load balancer) or a list of workers
-   * @param {{minDelay?: number, maxDelay?: number, openTimeout?: number}} options in ms
+   * @param {{token?: string | (() => string | Promise<string>), minDelay?: number,
+   *   maxDelay?: number, openTimeout?: number}} options times in ms; `token` is a JWT or
+   *   a function called before every connection attempt, sent as `?token=`
    */
-  constructor(urls, { minDelay = 250, maxDelay = 10000, openTimeout = 5000 } = {}) {
+  constructor(urls, { token, minDelay = 250, maxDelay = 10000, openTimeout = 5000 } = {}) {
     super();
     this.#urls = typeof urls === "string" ? [urls] : [...urls];
     if (this.#urls.length === 0) throw new TypeError("BroadcastClient needs at least one URL");
@@ -72,6 +87,7 @@ export class BroadcastClient extends EventTarget {
     this.#minDelay = minDelay;
     this.#maxDelay = maxDelay;
     this.#openTimeout = openTimeout;
+    this.#token = token;
   }
 
   /** "connecting", "open" (a `welcome` came), "reconnecting" or "closed". */
@@ -148,6 +164,32 @@ export class BroadcastClient extends EventTarget {
     });
   }
 
+  /**
+   * Replace the connection's token before it expires: a Promise of the new token's
+   * `exp` (Unix time; null from a server that does not check tokens). Without `token`,
+   * sends what the next connection attempt would: the provider's answer, or the fixed
+   * token (a fixed token is replaced by the refreshed one for later connections).
+   * Rejects like publish(), with code "invalid_token" for a token the server refused.
+   */
+  async refresh(token) {
+    if (!this.#ready) throw clientError("not_connected", "not connected");
+    const fresh = token || (await this.#fetchToken());
+    if (!fresh) throw new TypeError("refresh() needs a token: the client was given none");
+    if (!this.#ready) throw clientError("not_connected", "not connected");
+    const ref = this.#nextRef++;
+    const expires = await new Promise((resolve, reject) => {
+      this.#replies.set(ref, { kind: "refresh", resolve, reject });
+      this.#send({ type: "refresh", token: fresh, ref });
+    });
+    if (typeof this.#token !== "function") this.#token = fresh; // not the old one again
+    return expires;
+  }
+
+  async #fetchToken() {
+    const token = this.#token;
+    return (typeof token === "function" ? await token() : token) || undefined;
+  }
+
   #emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
@@ -163,26 +205,41 @@ export class BroadcastClient extends EventTarget {
 
   #open() {
     this.#timer = null;
-    const url = this.#urls[this.#urlIndex];
+    const url = this.#urls[this.#urlIndex]; // reported without the token: it is a secret
     this.#setState("connecting", { url });
+    // Stands for the socket while the token is fetched, so that close() and the open
+    // timeout (a provider that never answers) end the attempt as they end a socket.
+    const pending = { close() {} };
+    this.#socket = pending;
+    // A host that swallows packets would hold an attempt for minutes, never failing
+    // over to the next URL; a server that accepts but never says `welcome` is no better.
+    this.#openTimer = setTimeout(() => {
+      const socket = this.#socket;
+      if (!socket) return;
+      this.#dropped(socket, ABNORMAL_CLOSURE, "no welcome in time");
+      socket.close();
+    }, this.#openTimeout);
+    this.#fetchToken().then(
+      (token) => {
+        if (this.#socket === pending) this.#dial(pending, withToken(url, token));
+      },
+      // Like a network failure: the provider's backend may be back next time.
+      (error) => this.#dropped(pending, ABNORMAL_CLOSURE, `token provider failed: ${error}`),
+    );
+  }
+
+  #dial(pending, url) {
     let socket;
     try {
       socket = new WebSocket(url);
     } catch (error) {
       // Refused before any traffic (ws:// from an https page): a failed attempt like
       // any other, and the next URL may do better. Thrown on, it would kill the timer.
-      this.#socket = socket = { close() {} };
-      return this.#dropped(socket, ABNORMAL_CLOSURE, String(error));
+      return this.#dropped(pending, ABNORMAL_CLOSURE, String(error));
     }
     this.#socket = socket;
     socket.onmessage = (event) => this.#onFrame(socket, event.data);
     socket.onclose = (event) => this.#dropped(socket, event.code, event.reason);
-    // A host that swallows packets would hold an attempt for minutes, never failing
-    // over to the next URL; a server that accepts but never says `welcome` is no better.
-    this.#openTimer = setTimeout(() => {
-      this.#dropped(socket, 1006, "no welcome in time");
-      socket.close();
-    }, this.#openTimeout);
   }
 
   // The end of `socket`, whether the server, the network, a timeout or close() ended it.
@@ -202,7 +259,11 @@ export class BroadcastClient extends EventTarget {
       // The message may or may not have been published: only the caller can tell.
       reply.reject?.(clientError("connection_lost", `connection closed (${code}) before the reply`));
     }
-    if (!this.#running || !RECONNECT_CODES.has(code)) {
+    // A handshake refused with HTTP 403 (a bad or expired token, the Origin) reaches us
+    // as 1006, like any failed attempt: it is retried, the browser tells no difference.
+    const renew =
+      code === POLICY_VIOLATION && reason === TOKEN_EXPIRED && typeof this.#token === "function";
+    if (!this.#running || !(RECONNECT_CODES.has(code) || renew)) {
       this.#running = false;
       this.#setState("closed", { code, reason });
       return;
@@ -254,6 +315,10 @@ export class BroadcastClient extends EventTarget {
       case "published": {
         const reply = this.#takeReply(frame.ref, "publish");
         return reply?.resolve(frame.id);
+      }
+      case "refreshed": {
+        const reply = this.#takeReply(frame.ref, "refresh");
+        return reply?.resolve(typeof frame.expires === "number" ? frame.expires : null);
       }
       case "error":
         return this.#onError(socket, frame);
@@ -316,7 +381,9 @@ export class BroadcastClient extends EventTarget {
     const { code, message } = frame;
     const reply = frame.ref === undefined ? undefined : this.#replies.get(frame.ref);
     if (reply) this.#replies.delete(frame.ref);
-    if (reply?.kind === "publish") return reply.reject(clientError(code, message));
+    if (reply?.kind === "publish" || reply?.kind === "refresh") {
+      return reply.reject(clientError(code, message));
+    }
     const channel = reply?.channel;
     this.#emit("error", { code, message, channel });
     const entry = reply?.kind === "subscribe" ? reply.entry : undefined;

@@ -7,6 +7,8 @@
   test picks or answers commands as a test needs: the reconnect policy (which close
   codes reconnect, and after how long) and the protocol details (`ref` matching,
   `unavailable` retries, `lost`, resubscribing with `since`).
+* Against a worker with auth on: the `token` option (a string, or a provider the test
+  exposes to the page), `refresh()`, and renewing a token that expired by reconnecting.
 
 The page imports `/static/client.js` from a worker, as an application would; each
 client records its events in `window.clients[name].events`. Every wait polls a
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -47,7 +50,10 @@ HARNESS = """
 async ({name, urls, channels, options, types}) => {
   const { BroadcastClient } = await import("/static/client.js");
   window.clients ??= {};
-  const client = new BroadcastClient(urls, options);
+  // `tokenFrom`: a function the test exposed to the page, made the token provider.
+  const { tokenFrom, ...rest } = options;
+  if (tokenFrom) rest.token = () => window[tokenFrom](name);
+  const client = new BroadcastClient(urls, rest);
   const events = [];
   const counter = document.createElement("div");
   const log = document.createElement("pre");
@@ -507,3 +513,115 @@ async def test_client_protocol_against_a_scripted_server(make_worker: WorkerFact
     # Resubscribed without `since`: nothing says what was missed in between.
     assert of("old") == [("subscribed", None), ("subscribed", None), ("lost", "not_recovered")]
     assert [e["worker"] for e in found if e["type"] == "welcome"] == ["fake-1", "fake-2"]
+
+
+# HS256 needs 32 bytes at least; API keys 16 characters.
+JWT_SECRET = "browser-client-tests-jwt-secret-0123456789abcdefgh"
+API_KEY = "browser-client-tests-api-key"
+
+
+def make_token(ttl: float, channel: str) -> str:
+    """A JWT for user `ann` that may subscribe and publish to `channel`."""
+    claims = {
+        "sub": "ann",
+        "exp": int(time.time() + ttl),
+        "channels": {"subscribe": [channel], "publish": [channel]},
+    }
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+def exp_of(token: str) -> int:
+    return int(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+async def test_client_token_option_refresh_and_renewal(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    # The page comes from the worker the clients connect to: its own origin, allowed.
+    worker = make_worker(
+        *redis_args(redis_server, prefix, "--jwt-secret", JWT_SECRET, "--jwt-leeway", "0"),
+        "--api-keys",
+        json.dumps([API_KEY]),
+    )
+    channel = unique("tok")
+    url = worker.ws + "/ws"
+    issued: list[str] = []
+
+    def issue(name: str) -> str:
+        # The provider's backend: the first token lapses in 1 to 2 s, later ones do not.
+        issued.append(make_token(2 if not issued else 600, channel))
+        return issued[-1]
+
+    async def publish(data: Any) -> str:
+        async with httpx.AsyncClient(timeout=5 * UNIT) as http:
+            response = await http.post(
+                f"{worker.http}/api/channels/{channel}/messages",
+                json={"data": data},
+                headers={"X-API-Key": API_KEY},
+            )
+        assert response.status_code == 200, response.text
+        return str(response.json()["id"])
+
+    fixed, fresh = make_token(600, channel), make_token(900, channel)
+    async with browser_page(worker, "client-js-token.png") as page:
+        await page.expose_function("issueToken", issue)
+        # A string token, added to a URL that has a query string of its own.
+        await start_client(page, "fixed", url + "?app=test", (channel,), token=fixed)
+        await start_client(page, "provided", url, (channel,), tokenFrom="issueToken")
+        # A token the worker refuses (403): the browser sees only a failed attempt (1006),
+        # so the client retries as it would after a network failure.
+        await start_client(page, "expired", url, (channel,), token=make_token(-60, channel))
+
+        for name in ("fixed", "provided"):
+            await wait_count(page, name, "subscribed", 1)
+        first = await publish("first")
+        for name in ("fixed", "provided"):
+            await wait_count(page, name, "message", 1)
+        assert await page.evaluate("(t) => clients.fixed.client.refresh(t)", fresh) == exp_of(fresh)
+        refused = await page.evaluate(
+            "() => clients.fixed.client.refresh('not.a.jwt').then(() => null, (e) => e.code)"
+        )
+        assert refused == "invalid_token"
+
+        # The provider's first token expires: close 1008 "token expired", then a new
+        # connection with a fresh token, resubscribed with `since`.
+        await wait_count(page, "provided", "subscribed", 2, timeout=2)
+        second = await publish("second")
+        for name in ("fixed", "provided"):
+            await wait_count(page, name, "message", 2)
+        # refresh() without a token asks the provider.
+        expires = await page.evaluate("() => clients.provided.client.refresh()")
+        assert expires == exp_of(issued[-1])
+
+        await page.wait_for_function(
+            """() => clients.expired.events.filter(
+                (e) => e.state === "reconnecting").length >= 2"""
+        )
+        await page.evaluate("() => clients.expired.client.close()")
+        found = {name: await events(page, name) for name in ("fixed", "provided", "expired")}
+
+    assert len(issued) == 3  # the first connection, the reconnection, refresh()
+    for name in ("fixed", "provided"):
+        messages = [(e["id"], e["data"]) for e in found[name] if e["type"] == "message"]
+        assert messages == [(first, "first"), (second, "second")], name
+    assert states(found["fixed"]) == [("connecting", None), ("open", None)]
+    provided = found["provided"]
+    assert states(provided) == [
+        ("connecting", None),
+        ("open", None),
+        ("reconnecting", 1008),
+        ("connecting", None),
+        ("open", None),
+    ]
+    assert next(e for e in provided if e.get("state") == "reconnecting")["reason"] == (
+        "token expired"
+    )
+    assert [e.get("recovered") for e in provided if e["type"] == "subscribed"] == [None, True]
+    assert [e for e in provided if e["type"] in ("lost", "error")] == []
+    assert ("open", None) not in states(found["expired"])
+    assert ("reconnecting", 1006) in states(found["expired"])
+    # The tokens went in the query string (the app's own parameter kept); the worker's
+    # log must not show them.
+    log = worker.log()
+    assert "/ws?app=test&token=" in log
+    assert all(token not in log for token in (fixed, fresh, *issued))

@@ -1,7 +1,8 @@
 """service.client against real workers and real Redis, and against tiny scripted servers.
 
 The real-worker tests check what a user sees (round trips, error replies, reconnecting
-to another worker after SIGTERM or SIGKILL, resubscribing with `since`). The scripted
+to another worker after SIGTERM or SIGKILL, resubscribing with `since`, tokens: sent,
+refreshed, renewed after they expire, refused). The scripted
 `websockets` servers close with a chosen code or send a chosen frame, and record when
 each connection came and what it sent: that is how the backoff policy and the resume
 bookkeeping are checked exactly.
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -658,3 +662,251 @@ async def test_publish_fails_with_connection_lost_when_the_connection_closes_fir
         assert lost.value.code == "connection_lost"
         await client.wait_connected(10 * UNIT)  # and it reconnects
     assert fake.received[0][0]["data"] == {"n": 1}
+
+
+# -- tokens: against a worker with auth on ------------------------------------------------
+
+# HS256 needs 32 bytes at least; API keys 16 characters.
+JWT_SECRET = "python-client-tests-jwt-secret-0123456789abcdefghij"
+API_KEY = "python-client-tests-api-key"
+
+
+def make_token(
+    sub: str = "ann", ttl: float = 60.0, *, patterns: tuple[str, ...] = ("tok*",), key: str = ""
+) -> str:
+    """A JWT the auth worker accepts (unless `ttl` <= 0 or `key` is another secret)."""
+    claims = {
+        "sub": sub,
+        "exp": int(time.time() + ttl),
+        "channels": {"subscribe": list(patterns), "publish": list(patterns)},
+    }
+    return jwt.encode(claims, key or JWT_SECRET, algorithm="HS256")
+
+
+def exp_of(token: str) -> float:
+    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+@pytest.fixture(scope="module")
+def auth_worker(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    """A worker with auth on: tokens signed with JWT_SECRET, no leeway; HTTP with API_KEY."""
+    worker = Worker(
+        tmp_path_factory.mktemp("auth-worker"),
+        redis_args(
+            redis_server,
+            unique("a") + ":",
+            "--jwt-secret",
+            JWT_SECRET,
+            # Tokens lapse on the dot, so that a test can wait for one to expire.
+            "--jwt-leeway",
+            "0",
+            "--api-keys",
+            json.dumps([API_KEY]),
+        ),
+    )
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+async def publish_with_key(worker: Worker, channel: str, data: Any) -> str:
+    """Publish over the HTTP API as a backend does, with the API key."""
+    async with httpx.AsyncClient(timeout=5 * UNIT) as http:
+        response = await http.post(
+            f"{worker.http}/api/channels/{channel}/messages",
+            json={"data": data},
+            headers={"X-API-Key": API_KEY},
+        )
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def refusals(worker: Worker, reason: str) -> int:
+    """How many handshakes the worker has refused for `reason` so far (from its log)."""
+    return worker.log().count(f"WebSocket refused: {reason}")
+
+
+async def test_a_token_opens_the_connection_and_its_claim_applies(auth_worker: Worker) -> None:
+    channel = unique("tok")
+    async with running(Client(ws_url(auth_worker), token=make_token())) as events:
+        client = await events.connected()
+        await client.subscribe(channel)
+        sent = await publish_with_key(auth_worker, channel, "hi")
+        own = await client.publish(channel, "me too")
+        assert await events.messages(channel, 2) == ["hi", "me too"]
+        assert [m.id for m in events.of(Message)] == [sent, own]
+        with pytest.raises(ClientError) as forbidden:
+            await client.subscribe(unique("other"))  # not in the token's `channels`
+        assert forbidden.value.code == "forbidden"
+        assert client.state == State.OPEN
+
+
+async def test_refresh_returns_the_new_expiry_and_refusals_raise(auth_worker: Worker) -> None:
+    fresh = make_token(ttl=600)
+    async with running(Client(ws_url(auth_worker), token=make_token())) as events:
+        client = await events.connected()
+        assert await client.refresh(fresh) == exp_of(fresh)
+        bad = {
+            "another subject": make_token("bob"),
+            "another key": make_token(key="another-secret-" + "y" * 40),
+            "expired": make_token(ttl=-60),
+            "not a JWT": "not.a.jwt",
+        }
+        for what, token in bad.items():
+            with pytest.raises(ClientError) as refused:
+                await client.refresh(token)
+            assert refused.value.code == "invalid_token", what
+        # Refusals leave the connection as it was.
+        channel = unique("tok")
+        await client.subscribe(channel)
+        await client.publish(channel, "still open")
+        assert client.state == State.OPEN
+        # Without an argument: the fixed token, which is now the refreshed one.
+        assert await client.refresh() == exp_of(fresh)
+    assert len(events.of(Welcome)) == 1
+    with pytest.raises(NotConnected):
+        await client.refresh(fresh)
+
+
+async def test_refresh_without_a_token_asks_the_provider(auth_worker: Worker) -> None:
+    issued: list[str] = []
+
+    async def provider() -> str:
+        issued.append(make_token(ttl=60 + 100 * len(issued)))
+        return issued[-1]
+
+    async with running(Client(ws_url(auth_worker), token=provider)) as events:
+        client = await events.connected()
+        assert len(issued) == 1
+        assert await client.refresh() == exp_of(issued[1])
+    assert len(issued) == 2
+
+
+async def test_an_expired_token_is_renewed_by_reconnecting_and_resuming(
+    auth_worker: Worker,
+) -> None:
+    channel = unique("tok")
+    calls = 0
+    away: list[str] = []
+
+    async def provider() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            # Called for the reconnect: the client is between connections, so these can
+            # reach it only by resuming with `since`.
+            away.extend([await publish_with_key(auth_worker, channel, n) for n in (1, 2)])
+        # The first token lapses in 1 to 2 s (`exp` is in whole seconds).
+        return make_token(ttl=2 if calls == 1 else 60)
+
+    client = Client(ws_url(auth_worker), token=provider, min_delay=0.05)
+    async with running(client) as events:
+        await events.connected()
+        await client.subscribe(channel)
+        before = await publish_with_key(auth_worker, channel, 0)
+        await events.messages(channel, 1)
+        expired = await events.wait_state(State.RECONNECTING)
+        assert (expired.code, expired.reason) == (1008, "token expired")
+        await events.wait(lambda e: isinstance(e, Subscribed) and e.recovered is not None)
+        after = await publish_with_key(auth_worker, channel, 3)
+        assert await events.messages(channel, 4) == [0, 1, 2, 3]
+        assert [m.id for m in events.of(Message)] == [before, *away, after]
+        assert [s.recovered for s in events.of(Subscribed)] == [None, True]
+        assert events.of(Lost) == []
+        assert [e.state for e in events.of(StateChanged)] == [
+            State.CONNECTING,
+            State.OPEN,
+            State.RECONNECTING,
+            State.CONNECTING,
+            State.OPEN,
+        ]
+    assert calls == 2
+
+
+async def test_a_fixed_token_that_expires_ends_the_client(auth_worker: Worker) -> None:
+    async with running(Client(ws_url(auth_worker), token=make_token(ttl=2))) as events:
+        await events.connected()
+        closed = await events.wait_state(State.CLOSED)
+        assert (closed.code, closed.reason) == (1008, "token expired")
+        assert [e.state for e in events.of(StateChanged)] == [
+            State.CONNECTING,
+            State.OPEN,
+            State.CLOSED,
+        ]
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [(make_token(ttl=-60), "token expired"), (None, "token required")],
+    ids=["expired", "none"],
+)
+async def test_a_refused_handshake_without_a_provider_is_final(
+    auth_worker: Worker, token: str | None, reason: str
+) -> None:
+    already = refusals(auth_worker, reason)
+    client = Client(ws_url(auth_worker), token=token, min_delay=0.01)
+    async with running(client) as events:
+        closed = await events.wait_state(State.CLOSED)
+        assert closed.code == 1008
+        assert "HTTP 403" in closed.reason
+        await async_wait_for(_true_when(lambda: events.ended), 5, what="end of events")
+        assert [e.state for e in events.of(StateChanged)] == [State.CONNECTING, State.CLOSED]
+        with pytest.raises(NotConnected):
+            await client.wait_connected(1)
+    assert refusals(auth_worker, reason) == already + 1  # one attempt, no retry loop
+
+
+async def test_a_refused_handshake_with_a_provider_is_retried(auth_worker: Worker) -> None:
+    tokens = iter([make_token(ttl=-60), make_token()])
+    client = Client(ws_url(auth_worker), token=lambda: next(tokens), min_delay=0.01)
+    async with running(client) as events:
+        await events.connected()
+        states = events.of(StateChanged)
+        assert [e.state for e in states] == [
+            State.CONNECTING,
+            State.RECONNECTING,
+            State.CONNECTING,
+            State.OPEN,
+        ]
+        assert states[1].code is None  # a failed attempt, retried with backoff
+        assert "HTTP 403" in states[1].reason
+
+
+async def test_the_provider_is_called_before_every_attempt_and_sent_as_a_bearer() -> None:
+    seen: list[str | None] = []
+
+    async def script(index: int, ws: ServerConnection, server: FakeServer) -> None:
+        assert ws.request is not None
+        seen.append(ws.request.headers.get("Authorization"))
+        await closing_with(1012)(index, ws, server)
+
+    count = itertools.count(1)
+
+    async def provider() -> str:
+        await asyncio.sleep(0)  # an async provider is awaited
+        return f"token-{next(count)}"
+
+    async with fake_server(script) as fake, running(Client(fake.url, token=provider)) as events:
+        await events.wait(lambda e: isinstance(e, Welcome) and e.worker == "fake:1")
+    assert seen == ["Bearer token-1", "Bearer token-2"]
+
+
+async def test_a_failing_provider_is_a_failed_attempt() -> None:
+    calls = itertools.count()
+
+    def provider() -> str:
+        if next(calls) == 0:
+            raise RuntimeError("the auth backend is down")
+        return "good"
+
+    async with (
+        fake_server(closing_with(1000)) as fake,
+        running(Client(fake.url, token=provider, min_delay=0.01)) as events,
+    ):
+        await events.wait_state(State.CLOSED)
+        failed = events.of(StateChanged)[1]
+        assert (failed.state, failed.code) == (State.RECONNECTING, None)
+        assert "the auth backend is down" in failed.reason
+        assert len(fake.attempts) == 1

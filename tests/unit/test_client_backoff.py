@@ -77,3 +77,14 @@ def test_other_causes_use_min_delay(cause: int | None) -> None:
 )
 def test_which_close_codes_reconnect(code: int | None, expected: bool) -> None:
     assert should_reconnect(code) is expected
+
+
+def test_an_expired_token_reconnects_only_when_a_fresh_one_can_be_had() -> None:
+    policy = CloseCode.POLICY_VIOLATION
+    assert should_reconnect(policy, "token expired", fresh_token=True) is True
+    assert should_reconnect(policy, "token expired") is False
+    # Any other 1008 stops, provider or not: a new token would not change it.
+    assert should_reconnect(policy, "invalid channel name", fresh_token=True) is False
+    # The reason matters only with 1008.
+    assert should_reconnect(CloseCode.NORMAL_CLOSURE, "token expired", fresh_token=True) is False
+    assert should_reconnect(CloseCode.GOING_AWAY, "token expired") is True
