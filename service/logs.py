@@ -11,7 +11,14 @@ _SECRETS = (
     (re.compile(r"(?i)\b((?:access_)?token|api_?key)=[^&\s\"';]*"), r"\1=[redacted]"),
     # Header lines, as websockets logs them at debug level.
     (re.compile(r"(?i)\b(authorization|x-api-key)(\W{1,3})[^\r\n]*"), r"\1\2[redacted]"),
-    # A JWT anywhere (a `refresh` frame logged at debug level, say).
+    # The content of WebSocket frames, as websockets logs them at debug level: a
+    # `refresh` frame holds a token, and long frames are logged cut in the middle, where
+    # no pattern could still recognise one.
+    (
+        re.compile(r"^([<>] (?:TEXT|BINARY|CONT)) .*?( \[\d+ bytes\])?$", re.DOTALL),
+        r"\1 [hidden]\2",
+    ),
+    # A JWT anywhere else.
     (re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]*"), "[redacted token]"),
 )
 

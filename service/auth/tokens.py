@@ -49,9 +49,10 @@ class Authenticator:
         self._anonymous = Principal(
             None, tuple(settings.anonymous_subscribe), tuple(settings.anonymous_publish)
         )
+        # A token never gives fewer rights than no token: it adds to the anonymous ones.
         self._granted = (
-            tuple(settings.authenticated_subscribe),
-            tuple(settings.authenticated_publish),
+            tuple(settings.authenticated_subscribe) + self._anonymous.subscribe,
+            tuple(settings.authenticated_publish) + self._anonymous.publish,
         )
 
     @property

@@ -171,11 +171,11 @@ def test_a_valid_token_becomes_a_principal_with_its_channels(kind: str, keys: Ke
     assert principal.subject == "alice"
     assert not principal.anonymous
     assert principal.expires_at == float(payload["exp"])
-    assert principal.subscribe == ("chat:*", "public:*")
+    assert principal.subscribe == ("chat:*", "public:*", "anon:*")
     assert principal.publish == ("chat:lobby", "echo:*")
     assert principal.may_subscribe("chat:general")
     assert principal.may_subscribe("public:news")
-    assert not principal.may_subscribe("anon:x")  # anonymous patterns are not a token's
+    assert principal.may_subscribe("anon:x")  # a token never has fewer rights than none
     assert not principal.may_subscribe("private:x")
     assert principal.may_publish("chat:lobby")
     assert principal.may_publish("echo:1")
@@ -548,10 +548,12 @@ def test_anonymous_publish_alone_lets_a_token_less_connection_in() -> None:
     assert not principal.may_subscribe("guestbook")
 
 
-def test_anonymous_patterns_are_not_given_to_tokens() -> None:
+def test_a_token_gets_the_anonymous_patterns_too() -> None:
+    # Logging in must not take away what a visitor without a token may do.
     settings = make(jwt_secret=SECRET, anonymous_subscribe=["public:*"])
     principal = Authenticator(settings).authenticate(hs(claims(channels=MISSING)))
-    assert not principal.may_subscribe("public:news")
+    assert principal.may_subscribe("public:news")
+    assert not principal.may_publish("public:news")
 
 
 @pytest.mark.parametrize("token", [None, "", "garbage", "a.b.c", "eyJhbGciOiJub25lIn0.e30."])
