@@ -56,7 +56,9 @@ class _ChannelSession(Connection):
         self._left: list[tuple[str, bytes]] = []
 
     def send_error(self, error: ServiceError) -> None:
-        """Queue an `error` frame for `error`."""
+        """Queue an `error` frame for `error` (nothing once the connection is closing)."""
+        if self.closing:
+            return
         self._rt.metrics.protocol_errors.labels(error.code.value).inc()
         self.deliver(frames.error(error.code, error.message, error.ref))
 
