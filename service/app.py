@@ -70,7 +70,16 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 await hub.close()
 
-    app = FastAPI(title="broadcast-service", version=__version__, lifespan=lifespan)
+    # With auth on, the API's description is not for anonymous visitors.
+    private = settings.auth_enabled
+    app = FastAPI(
+        title="broadcast-service",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None if private else "/docs",
+        redoc_url=None if private else "/redoc",
+        openapi_url=None if private else "/openapi.json",
+    )
     app.include_router(ws.router)
     app.include_router(http.router)
     app.include_router(health.router)

@@ -14,7 +14,7 @@ from service.channels import validate_channel
 from service.connection import Connection
 from service.errors import BrokerUnavailable, ProtocolError, Ref, ServiceError
 from service.hub import Joined
-from service.limits import PublishLimiter
+from service.limits import PublishLimiter, TokenBucket
 from service.protocol import frames
 from service.protocol.codes import CloseCode, ErrorCode
 from service.protocol.commands import (
@@ -32,6 +32,9 @@ from service.runtime import Runtime
 logger = logging.getLogger(__name__)
 
 _BINARY_MESSAGE = "binary frames are not supported: send JSON text frames"
+# A token lives minutes or hours; nobody needs more refreshes than this.
+_REFRESH_RATE = 0.2  # per second
+_REFRESH_BURST = 10
 
 
 class _ChannelSession(Connection):
@@ -50,6 +53,8 @@ class _ChannelSession(Connection):
         self._rt = runtime
         self._principal = principal
         self._publishes = PublishLimiter(settings.publish_rate, settings.publish_burst)
+        # Verifying a token costs far more than any other command.
+        self._refreshes = TokenBucket(_REFRESH_RATE, _REFRESH_BURST)
         self._expiry: asyncio.TimerHandle | None = None
         # channel -> the `info` it announced itself with (None: no join/leave events)
         self._channels: dict[str, bytes | None] = {}
@@ -207,18 +212,35 @@ class Session(_ChannelSession):
             case Ping(ref):
                 self.deliver(frames.pong(ref))
             case Refresh(token, ref):
-                try:
-                    principal = self._rt.authenticator.authenticate(token)
-                except InvalidToken as exc:
-                    raise ProtocolError(ErrorCode.INVALID_TOKEN, exc.reason, ref=ref) from None
-                if principal.subject != self._principal.subject:
-                    raise ProtocolError(
-                        ErrorCode.INVALID_TOKEN, "the new token is for another subject", ref=ref
-                    )
-                # New permissions apply to later commands; subscriptions made stay.
-                self._principal = principal
-                self._watch_expiry()
-                self.deliver(frames.refreshed(principal.expires_at, ref))
+                await self._refresh(token, ref)
+
+    async def _refresh(self, token: str, ref: Ref | None) -> None:
+        if not self._refreshes.take():
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many refreshes", ref=ref)
+        if self._principal.anonymous and self._rt.authenticator.enabled:
+            # No subject can match: refused without spending a verification on it.
+            raise ProtocolError(
+                ErrorCode.INVALID_TOKEN, "connect with a token to refresh one", ref=ref
+            )
+        try:
+            principal = self._rt.authenticator.authenticate(token)
+        except InvalidToken as exc:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, exc.reason, ref=ref) from None
+        if principal.subject != self._principal.subject:
+            raise ProtocolError(
+                ErrorCode.INVALID_TOKEN, "the new token is for another subject", ref=ref
+            )
+        self._principal = principal
+        self._watch_expiry()
+        self.deliver(frames.refreshed(principal.expires_at, ref))
+        # Permissions the new token no longer grants end now, or refreshing would keep
+        # a revoked subscription alive for as long as the client stays connected.
+        for channel in [c for c in self._channels if not principal.may_subscribe(c)]:
+            info = self._channels.pop(channel)
+            self._rt.hub.leave(channel, self)
+            self.deliver(frames.unsubscribed(channel, None))
+            if info is not None:
+                await self._announce("leave", channel, info)
 
 
 class SimpleSession(_ChannelSession):

@@ -52,6 +52,7 @@ PLACEHOLDER_SECRETS = frozenset(
 # Bytes an HMAC secret needs: the hash's size (RFC 7518 3.2; PyJWT warns below it).
 _MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _MIN_API_KEY_LENGTH = 16
+_MIN_RSA_BITS = 2048
 # Which public-key algorithms each kind of key verifies.
 _KEY_ALGORITHMS = {
     "RSA": {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"},
@@ -71,6 +72,8 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         cli_implicit_flags=True,
         use_attribute_docstrings=False,
+        # Validation errors must not print the secrets they were given.
+        hide_input_in_errors=True,
     )
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
@@ -260,7 +263,7 @@ class Settings(BaseSettings):
             try:
                 parts.port  # noqa: B018  (raises ValueError on a malformed port)
             except ValueError:
-                raise ValueError(f"BROADCAST_URL has a malformed port: {value!r}") from None
+                raise ValueError("BROADCAST_URL has a malformed port") from None
             db = parts.path.lstrip("/")
             if db and not db.isdigit():
                 raise ValueError(f"BROADCAST_URL database must be a number, got {db!r}")
@@ -393,6 +396,11 @@ def _check_public_key(path: Path, algorithms: set[str]) -> None:
         "EC": isinstance(key, ec.EllipticCurvePublicKey),
         "Ed": isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey),
     }
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
+        raise ValueError(
+            f"JWT_PUBLIC_KEY_FILE holds a {key.key_size}-bit RSA key: use {_MIN_RSA_BITS} bits "
+            "or more"
+        )
     kind = next((name for name, matches in kinds.items() if matches), None)
     usable = _KEY_ALGORITHMS.get(kind or "", set())
     if not algorithms <= usable:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from functools import lru_cache
 
 #: The claim that lists a token's channels: {"subscribe": [patterns], "publish": [patterns]}.
 CHANNELS_CLAIM = "channels"
 
 
 def matches_any(channel: str, patterns: tuple[str, ...]) -> bool:
-    """True if `channel` matches one of `patterns` (`*` matches any run of characters).
+    """True if `channel` matches one of `patterns`, where only `*` is a wildcard.
 
-    Channel names cannot contain `*`, `?` or `[`, so a pattern's wildcards never collide
-    with a name's own characters.
+    `*` matches any run of characters; everything else matches itself (unlike fnmatch,
+    whose `?` and `[...]` would let `user:4?` match `user:42`).
     """
-    return any(fnmatchcase(channel, pattern) for pattern in patterns)
+    return _compiled(patterns).fullmatch(channel) is not None
+
+
+@lru_cache(maxsize=1024)
+def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    # One regex per set of patterns (a token's, typically shared by its connections).
+    alternatives = ["\\A(?!)"]  # matches nothing, for an empty tuple
+    alternatives += [".*".join(map(re.escape, pattern.split("*"))) for pattern in patterns]
+    return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
 @dataclass(frozen=True, slots=True)

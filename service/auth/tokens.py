@@ -18,6 +18,11 @@ class InvalidToken(Exception):
         self.reason = reason
 
 
+# Longer tokens are refused unread: PyJWT checks base64 in a Python loop before the
+# signature, so a huge bogus token is a cheap way to make a worker busy. Handshakes are
+# capped near this anyway (uvicorn answers 414 to longer request lines).
+MAX_TOKEN_LENGTH = 8192
+
 # PyJWT's exceptions, most specific first, to the few words a client is told.
 _REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
     (jwt.ExpiredSignatureError, "token expired"),
@@ -73,6 +78,8 @@ class Authenticator:
     def _verify(self, token: str) -> Principal:
         if self._key is None:
             raise InvalidToken("tokens are not accepted here")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken("token too long")
         try:
             claims = jwt.decode(
                 token,
@@ -81,7 +88,9 @@ class Authenticator:
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=self._leeway,
-                options={"require": ["exp"], "verify_aud": self._audience is not None},
+                # PyJWT then also refuses a token that names an audience when none is
+                # configured: a shared identity provider's tokens for other apps.
+                options={"require": ["exp"]},
             )
         except jwt.PyJWTError as exc:
             raise InvalidToken(_reason(exc)) from None
@@ -92,11 +101,12 @@ class Authenticator:
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("token lacks a subject")
         subscribe, publish = _channels(claims.get(CHANNELS_CLAIM))
+        try:
+            expires_at = float(claims["exp"])
+        except (OverflowError, TypeError, ValueError):
+            raise InvalidToken("token expiry out of range") from None
         return Principal(
-            subject,
-            subscribe + self._granted[0],
-            publish + self._granted[1],
-            expires_at=float(claims["exp"]),
+            subject, subscribe + self._granted[0], publish + self._granted[1], expires_at
         )
 
 

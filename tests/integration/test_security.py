@@ -58,6 +58,8 @@ MAX_CHANNEL_LENGTH = 64
 MAX_FRAME_BYTES = 4000
 MAX_CONNECTIONS = 3
 PLACEHOLDER = "dev-secret-do-not-use-in-production-0123456789"
+# Tokens name an audience, and a worker configured with none refuses them.
+AUDIENCE_AND_ISSUER = ("--jwt-audience", AUDIENCE, "--jwt-issuer", ISSUER)
 MISSING: Any = object()  # `token(sub=MISSING)` leaves the claim out
 
 # alice's channels; every token also gets lobby:* from AUTHENTICATED_* (secure worker).
@@ -155,7 +157,7 @@ def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
             *("--max-data-bytes", "1000", "--max-frame-bytes", str(MAX_FRAME_BYTES)),
         ),
         anonymous=worker(
-            *("--jwt-secret", SECRET, "--api-keys", keys),
+            *("--jwt-secret", SECRET, "--api-keys", keys, *AUDIENCE_AND_ISSUER),
             *(
                 "--anonymous-subscribe",
                 '["public:*"]',
@@ -164,8 +166,10 @@ def fleet(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
             ),
         ),
         devmode=worker(),
-        keyless=worker("--jwt-secret", SECRET),
-        full=worker("--jwt-secret", SECRET, "--max-connections", str(MAX_CONNECTIONS)),
+        keyless=worker("--jwt-secret", SECRET, *AUDIENCE_AND_ISSUER),
+        full=worker(
+            "--jwt-secret", SECRET, *AUDIENCE_AND_ISSUER, "--max-connections", str(MAX_CONNECTIONS)
+        ),
     )
     workers = [fleet.secure, fleet.anonymous, fleet.devmode, fleet.keyless, fleet.full]
     try:
@@ -855,3 +859,60 @@ async def test_tokens_secrets_and_keys_never_reach_the_log(
         parts = fragments(signature(jwt_text))
         leaks = [line for line in log.splitlines() if any(part in line for part in parts)]
         assert not leaks, f"part of a token's signature is in the log: {leaks}"
+
+
+# --- refresh hardening ------------------------------------------------------------------
+
+
+async def test_a_refresh_that_narrows_permissions_ends_the_subscriptions_it_drops(
+    fleet: Fleet,
+) -> None:
+    # Refreshing must not keep a revoked subscription alive.
+    worker = fleet.secure
+    news, chat = unique("news:"), unique("chat:")
+    client = await welcomed(worker, token())
+    await client.subscribe(news, ref=1)
+    await client.subscribe(chat, ref=2)
+    narrower = token(channels={"subscribe": ["chat:*"], "publish": []})
+    reply = await request(client, {"type": "refresh", "token": narrower, "ref": 3})
+    assert reply["type"] == "refreshed"
+    assert await client.recv() == {"type": "unsubscribed", "channel": news}
+    # A witness on the same worker hears the next news message; the refreshed client,
+    # fanned out to in the same step if it were still a member, does not.
+    witness = await welcomed(worker, token())
+    await witness.subscribe(news, ref=4)
+    assert api_publish(worker, news, "after the refresh", KEYS[0]).status_code == 200
+    assert (await witness.recv())["data"] == "after the refresh"
+    await client.alive()
+    assert api_publish(worker, chat, "still allowed", KEYS[0]).status_code == 200
+    assert (await client.recv())["data"] == "still allowed"
+    for each in (client, witness):
+        await each.close()
+
+
+async def test_an_anonymous_connection_cannot_refresh_into_a_token(fleet: Fleet) -> None:
+    client = await welcomed(fleet.anonymous)
+    anyone = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, "HS256")
+    error = await request(client, {"type": "refresh", "token": anyone, "ref": 1})
+    assert (error["code"], error["ref"]) == ("invalid_token", 1)
+    await client.alive()
+    await client.close()
+
+
+async def test_refreshes_are_rate_limited(fleet: Fleet) -> None:
+    # Verifying a token is the most expensive command: a few in a row, then slow down.
+    client = await welcomed(fleet.secure, token())
+    codes = []
+    for ref in range(12):
+        reply = await request(client, {"type": "refresh", "token": token(), "ref": ref})
+        codes.append(reply.get("code", reply["type"]))
+    assert codes[:10] == ["refreshed"] * 10  # the burst
+    assert "rate_limited" in codes[10:]
+    await client.alive()
+    await client.close()
+
+
+def test_the_api_description_is_served_only_with_auth_off(fleet: Fleet) -> None:
+    for path in ("/openapi.json", "/docs"):
+        assert httpx.get(fleet.secure.http + path, timeout=5).status_code == 404
+        assert httpx.get(fleet.devmode.http + path, timeout=5).status_code == 200

@@ -241,7 +241,6 @@ def test_not_before_within_the_leeway_is_accepted() -> None:
 def test_audience_is_not_required_when_not_configured() -> None:
     authenticator = Authenticator(make(jwt_secret=SECRET))
     assert authenticator.authenticate(hs(claims())).subject == "alice"
-    assert authenticator.authenticate(hs(claims(aud="anything"))).subject == "alice"
     assert authenticator.authenticate(hs(claims(iss="anyone"))).subject == "alice"
 
 
@@ -825,3 +824,48 @@ def test_handover_json_round_trips_without_secrets_and_with_a_key_file(keys: Key
         handed_over = Settings.model_validate_json(settings.handover_json())
         assert handed_over == settings
         assert handed_over.jwt_secret is None
+
+
+# --- hardening found in review ----------------------------------------------------------
+
+
+def test_only_the_star_is_a_wildcard() -> None:
+    # fnmatch's `?` and `[...]` would let a pattern built from a user's id match others'.
+    principal = Principal("u", subscribe=("user:4?", "room:[a-c]", "a.b"), publish=())
+    assert not principal.may_subscribe("user:42")
+    assert not principal.may_subscribe("room:b")
+    assert principal.may_subscribe("a.b")
+    assert not principal.may_subscribe("axb")
+
+
+def test_an_overlong_token_is_refused_unread() -> None:
+    authenticator = Authenticator(make(jwt_secret=SECRET))
+    with pytest.raises(InvalidToken, match="too long"):
+        authenticator.authenticate("eyJ" + "A" * 10_000 + ".x.y")
+
+
+def test_an_expiry_beyond_floats_is_refused_not_crashed() -> None:
+    authenticator = Authenticator(make(jwt_secret=SECRET))
+    with pytest.raises(InvalidToken):
+        authenticator.authenticate(hs(claims(exp=10**400)))
+
+
+def test_a_token_for_some_audience_is_refused_when_none_is_configured() -> None:
+    # A shared identity provider's token for another app must not get in.
+    authenticator = Authenticator(make(jwt_secret=SECRET))
+    with pytest.raises(InvalidToken, match="audience"):
+        authenticator.authenticate(hs(claims(aud="another-app")))
+
+
+def test_a_weak_rsa_key_is_refused_at_start(tmp_path: Path) -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    path = tmp_path / "weak.pem"
+    path.write_bytes(public_pem(weak))
+    with pytest.raises(ValidationError, match="1024-bit RSA key"):
+        make(jwt_public_key_file=str(path), jwt_algorithms=["RS256"])
+
+
+def test_validation_errors_do_not_echo_secrets() -> None:
+    with pytest.raises(ValidationError) as caught:
+        make(jwt_secret="short-but-secret-value", api_keys=["also-secret-api-key-123"])
+    assert "short-but-secret" not in str(caught.value)

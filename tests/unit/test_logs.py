@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -53,3 +54,12 @@ def test_frame_contents_logged_at_debug_are_hidden() -> None:
     line = '< TEXT \'{"type": "refresh", "token": "eyJhbGciOiJIUzI1N...ECitCHyLWIw"}\' [254 bytes]'
     assert redact(line) == "< TEXT [hidden] [254 bytes]"
     assert redact('> TEXT \'{"type":"pong"}\' [15 bytes]') == "> TEXT [hidden] [15 bytes]"
+
+
+def test_redaction_stays_linear_on_hostile_input() -> None:
+    # Anyone can send a request path like this; a pattern with a start at every `-` took
+    # 5 s for 64 KB, with the event loop stalled. A generous bound: it takes milliseconds.
+    hostile = "/" + "eyJ-" * 16_000
+    started = time.perf_counter()
+    redact(f'127.0.0.1:1 - "GET {hostile} HTTP/1.1" 404')
+    assert time.perf_counter() - started < 0.5
