@@ -36,6 +36,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_graceful_shutdown": settings.shutdown_timeout,
         "log_level": settings.log_level,
         "log_config": _log_config(settings),
+        # X-Forwarded-For/-Proto are believed only from the load balancer's addresses.
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
     }
 
 

@@ -247,6 +247,13 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = Field("info", description="Log level.")
     demo_page: bool = Field(True, description="Serve the demo chat page at /.")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description=(
+            "Comma-separated addresses (or *) of the load balancers whose X-Forwarded-For "
+            "and X-Forwarded-Proto headers are believed."
+        ),
+    )
 
     @field_validator("broadcast_url")
     @classmethod
