@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from playwright.async_api import Page, async_playwright, expect
 
 from service.client import Client, Lost, Subscribed
@@ -42,15 +43,25 @@ from tests.helpers import Client as ProtocolClient
 
 pytestmark = pytest.mark.e2e
 
-# As docker-compose.yml sets them (the workers trust the balancer's forwarded headers).
-COMPOSE_SETTINGS = ("--environment", "development", "--forwarded-allow-ips", "127.0.0.1")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def compose_settings() -> list[str]:
+    """The workers' environment in docker-compose.yml, as flags; Redis's address aside."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    environment = compose["services"]["worker"]["environment"]
+    flags = []
+    for name, value in environment.items():
+        if name != "BROADCAST_URL":  # the test's own redis-server instead of `redis`
+            flags += ["--" + name.lower().replace("_", "-"), str(value)]
+    return flags
 
 
 @pytest.fixture
 def topology(
     make_workers: WorkersFactory, redis_server: RedisServer, prefix: str, tmp_path: Path
 ) -> Iterator[tuple[Nginx, list[Worker]]]:
-    workers = make_workers(3, *redis_args(redis_server, prefix, *COMPOSE_SETTINGS))
+    workers = make_workers(3, *redis_args(redis_server, prefix, *compose_settings()))
     nginx = Nginx(tmp_path / "nginx", workers).start()
     try:
         yield nginx, workers
