@@ -235,10 +235,25 @@ class Worker:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    def publish(self, channel: str, data: Any) -> str:
+    def publish(self, channel: str, data: Any, api_key: str | None = None) -> str:
+        """Publish over the HTTP API (with `api_key` when auth is on); the message id."""
         response = httpx.post(
-            f"{self.http}/api/channels/{channel}/messages", json={"data": data}, timeout=5 * UNIT
+            f"{self.http}/api/channels/{channel}/messages",
+            json={"data": data},
+            headers={} if api_key is None else {"X-API-Key": api_key},
+            timeout=5 * UNIT,
         )
+        assert response.status_code == 200, response.text
+        return str(response.json()["id"])
+
+    async def publish_async(self, channel: str, data: Any, api_key: str | None = None) -> str:
+        """`publish` for async tests: does not block the event loop."""
+        async with httpx.AsyncClient(timeout=5 * UNIT) as http:
+            response = await http.post(
+                f"{self.http}/api/channels/{channel}/messages",
+                json={"data": data},
+                headers={} if api_key is None else {"X-API-Key": api_key},
+            )
         assert response.status_code == 200, response.text
         return str(response.json()["id"])
 

@@ -553,14 +553,7 @@ async def test_client_token_option_refresh_and_renewal(
         return issued[-1]
 
     async def publish(data: Any) -> str:
-        async with httpx.AsyncClient(timeout=5 * UNIT) as http:
-            response = await http.post(
-                f"{worker.http}/api/channels/{channel}/messages",
-                json={"data": data},
-                headers={"X-API-Key": API_KEY},
-            )
-        assert response.status_code == 200, response.text
-        return str(response.json()["id"])
+        return await worker.publish_async(channel, data, API_KEY)
 
     fixed, fresh = make_token(600, channel), make_token(900, channel)
     async with browser_page(worker, "client-js-token.png") as page:

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -713,14 +712,7 @@ def auth_worker(
 
 async def publish_with_key(worker: Worker, channel: str, data: Any) -> str:
     """Publish over the HTTP API as a backend does, with the API key."""
-    async with httpx.AsyncClient(timeout=5 * UNIT) as http:
-        response = await http.post(
-            f"{worker.http}/api/channels/{channel}/messages",
-            json={"data": data},
-            headers={"X-API-Key": API_KEY},
-        )
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
+    return await worker.publish_async(channel, data, API_KEY)
 
 
 def refusals(worker: Worker, reason: str) -> int:
