@@ -369,7 +369,7 @@ class Hub:
             channel.position = position
             if channel.pending:
                 self._promote(channel, position)
-        self._fan_out(channel, frame)
+        self._fan_out(channel, frame, in_history=position is not None)
 
     def _promote(self, channel: _Channel, position: Position) -> None:
         """Make plain members of the resumed members for whom `position` is new."""
@@ -378,12 +378,12 @@ class Hub:
                 del channel.pending[member]
                 channel.members.add(member)
 
-    def _fan_out(self, channel: _Channel, frame: str) -> None:
+    def _fan_out(self, channel: _Channel, frame: str, *, in_history: bool) -> None:
         # A snapshot: delivering may close a slow member, which leaves the channel.
         # Resumed members still waiting for the pump to pass their horizon get only the
         # frames that are not in history (join, leave, gap).
         members = tuple(channel.members)
-        if channel.pending and position_of(frame, channel.head) is None:
+        if channel.pending and not in_history:
             members += tuple(channel.pending)
         for member in members:
             # One broken member must neither stop the fan-out nor end the pump.
