@@ -158,6 +158,9 @@ async def test_workers_flag_runs_a_shared_multi_process_server(
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(base + "/readyz").status_code == 200, 30, "workers")
+        # One ready process already answers /readyz: wait until both have started, or
+        # every connection below lands on the first one (seen in CI on a busy machine).
+        wait_for(lambda: log.read_text().count("ready to serve") == 2, 30, "both worker processes")
         # Connect until both worker processes have answered.
         by_worker: dict[str, Client] = {}
         spare: list[Client] = []
