@@ -53,8 +53,14 @@ def make_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     """Start `python -m service` processes; all are stopped (by PID) after the test."""
     workers: list[Worker] = []
 
-    def make(*args: str, env: dict[str, str] | None = None, start: bool = True) -> Worker:
-        worker = Worker(tmp_path / "workers", list(args), env)
+    def make(
+        *args: str,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> Worker:
+        worker = Worker(tmp_path / "workers", list(args), env, host=host, port=port)
         workers.append(worker)
         if start:
             worker.start()

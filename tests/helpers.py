@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -174,23 +173,36 @@ class RedisServer:
 
 
 class Worker:
-    """One `python -m service` process (a real uvicorn worker) on a free port."""
+    """One `python -m service` process (a real uvicorn worker) on a free port.
 
-    def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    `host` is any loopback address (the whole of 127.0.0.0/8 is local): several workers
+    may then share one port, as replicas behind one service name do.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port()
         self.workdir = workdir
         self.args = args
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / f"worker-{self.port}.log"
+        self.log_path = workdir / f"worker-{host}-{self.port}.log"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"ws://{self.host}:{self.port}"
 
     def start(self, *, wait_ready: bool = True) -> Worker:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +211,11 @@ class Worker:
         with open(self.log_path, "ab") as log:
             # Started from an empty directory so that no developer's .env leaks in.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "--port", str(self.port), *self.args],
+                [
+                    *(sys.executable, "-m", "service"),
+                    *("--host", self.host, "--port", str(self.port)),
+                    *self.args,
+                ],
                 cwd=self.workdir,
                 env=env,
                 stdout=log,
@@ -219,7 +235,7 @@ class Worker:
             return self.status("/readyz") == 200
 
         try:
-            wait_for(ready, timeout, what=f"worker on port {self.port} to be ready")
+            wait_for(ready, timeout, what=f"worker on {self.host}:{self.port} to be ready")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- worker log ---\n{self.log()}") from None
 
@@ -454,77 +470,3 @@ class RedisProxy:
         self._open.discard(client_w)
         for writer in (client_w, redis_w):
             writer.transport.abort()
-
-
-class Nginx:
-    """nginx running the shipped deploy/nginx.conf, only its addresses substituted.
-
-    The config's `listen 8000` becomes a free loopback port, its one `server worker:8000`
-    line one line per worker, and its pid file a path of this run's own.
-    """
-
-    def __init__(self, workdir: Path, workers: list[Worker]) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "nginx.log"
-        shipped = (Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf").read_text()
-        server = re.search(r"^(\s*)server worker:8000( [^;]*)?;$", shipped, re.MULTILINE)
-        assert server is not None, "deploy/nginx.conf has no `server worker:8000` line"
-        indent, options = server.group(1), server.group(2) or ""
-        servers = "\n".join(f"{indent}server 127.0.0.1:{w.port}{options};" for w in workers)
-        config = shipped.replace(server.group(0), servers)
-        assert "\n        listen 8000;" in config
-        config = config.replace(
-            "\n        listen 8000;", f"\n        listen 127.0.0.1:{self.port};"
-        )
-        config = config.replace("pid /tmp/nginx.pid;", f"pid {workdir / 'nginx.pid'};")
-        self.config_path = workdir / "nginx.conf"
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(config)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def start(self) -> Nginx:
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not Path(binary).exists():
-            raise AssertionError(
-                "nginx is not installed (.ci/run installs it: apt-get install nginx)"
-            )
-        directives = "daemon off;"
-        if os.geteuid() == 0:
-            # Its workers would otherwise run as `nobody`, who cannot enter pytest's
-            # private temporary directories.
-            directives += " user root;"
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [binary, "-c", str(self.config_path), "-p", str(self.workdir), "-g", directives],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for(lambda: self._answers(), 20, "nginx to answer")
-        return self
-
-    def _answers(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"nginx exited:\n{self.log()}")
-        return httpx.get(self.http + "/healthz", timeout=2).status_code == 200
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGQUIT)  # graceful, as `nginx -s quit`
-        try:
-            self.process.wait(timeout=15 * UNIT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)

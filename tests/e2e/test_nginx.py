@@ -1,8 +1,10 @@
-"""The compose topology from real processes: redis-server, three workers, and nginx with
-the shipped deploy/nginx.conf (only its addresses substituted).
+"""The compose topology from real processes: redis-server, replicas of the worker, and
+nginx with the shipped deploy/nginx.conf and its worker watcher (tests/nginx.py).
 
 Workers are started the way docker-compose.yml starts them (`python -m service` with
-the same settings, FORWARDED_ALLOW_IPS and all). Clients connect through nginx only.
+the same settings, FORWARDED_ALLOW_IPS and all), each at its own loopback address on one
+shared port, and nginx finds them by the name `worker` as it does in compose. Clients
+connect through nginx only.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from playwright.async_api import Page, async_playwright, expect
 
 from service.client import Client, Lost, Subscribed
-from tests.conftest import WorkersFactory
+from tests.conftest import WorkerFactory
 from tests.e2e.test_demo_browser import (
     CHROMIUM_ARGS,
     WAIT_MS,
@@ -32,39 +33,54 @@ from tests.e2e.test_demo_browser import (
 from tests.e2e.test_resume import Publisher, Recorder
 from tests.helpers import (
     UNIT,
-    Nginx,
     RedisServer,
     Worker,
     async_wait_for,
+    free_port,
     redis_args,
+    start_all,
     unique,
 )
 from tests.helpers import Client as ProtocolClient
+from tests.nginx import Nginx, compose_worker_flags
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 
+class Replicas:
+    """The compose `worker` service: replicas at 127.0.0.2, .3, ... on one port."""
 
-def compose_settings() -> list[str]:
-    """The workers' environment in docker-compose.yml, as flags; Redis's address aside."""
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    environment = compose["services"]["worker"]["environment"]
-    flags = []
-    for name, value in environment.items():
-        if name != "BROADCAST_URL":  # the test's own redis-server instead of `redis`
-            flags += ["--" + name.lower().replace("_", "-"), str(value)]
-    return flags
+    def __init__(self, make_worker: WorkerFactory, args: list[str]) -> None:
+        self.make_worker = make_worker
+        self.args = args
+        self.port = free_port()
+        self.workers: list[Worker] = []
+
+    def scale_up(self, count: int) -> list[Worker]:
+        """Start replicas until there are `count`, side by side; the new ones."""
+        new = [
+            self.make_worker(*self.args, start=False, host=f"127.0.0.{n + 2}", port=self.port)
+            for n in range(len(self.workers), count)
+        ]
+        start_all(new)
+        self.workers += new
+        return new
+
+    def addresses(self) -> list[str]:
+        return [worker.host for worker in self.workers]
 
 
 @pytest.fixture
-def topology(
-    make_workers: WorkersFactory, redis_server: RedisServer, prefix: str, tmp_path: Path
-) -> Iterator[tuple[Nginx, list[Worker]]]:
-    workers = make_workers(3, *redis_args(redis_server, prefix, *compose_settings()))
-    nginx = Nginx(tmp_path / "nginx", workers).start()
+def replicas(make_worker: WorkerFactory, redis_server: RedisServer, prefix: str) -> Replicas:
+    return Replicas(make_worker, redis_args(redis_server, prefix, *compose_worker_flags()))
+
+
+@pytest.fixture
+def topology(replicas: Replicas, tmp_path: Path) -> Iterator[tuple[Nginx, list[Worker]]]:
+    replicas.scale_up(3)
+    nginx = Nginx(tmp_path / "nginx", replicas.port, replicas.addresses()).start()
     try:
-        yield nginx, workers
+        yield nginx, replicas.workers
     finally:
         nginx.stop()
 
@@ -74,6 +90,29 @@ def worker_of(workers: list[Worker], worker_id: str | None) -> Worker:
     return ids[worker_id]
 
 
+def ids_of(workers: list[Worker]) -> set[str]:
+    return {httpx.get(w.http + "/healthz", timeout=5).json()["worker"] for w in workers}
+
+
+async def connect(nginx: Nginx, channel: str) -> tuple[ProtocolClient, str]:
+    """A client through nginx, subscribed to `channel`; the worker it landed on."""
+    client = await ProtocolClient.connect(nginx.ws + "/ws")
+    worker = (await client.welcome())["worker"]
+    await client.subscribe(channel)
+    return client, worker
+
+
+async def publish_through(nginx: Nginx, channel: str, count: int) -> list[str]:
+    """Publish 0..count-1 over HTTP through nginx; their ids."""
+    async with httpx.AsyncClient(base_url=nginx.http, timeout=10 * UNIT) as http:
+        ids = []
+        for n in range(count):
+            response = await http.post(f"/api/channels/{channel}/messages", json={"data": n})
+            assert response.status_code == 200, response.text
+            ids.append(response.json()["id"])
+    return ids
+
+
 async def test_clients_through_nginx_spread_over_the_workers_and_all_receive(
     topology: tuple[Nginx, list[Worker]],
 ) -> None:
@@ -81,22 +120,92 @@ async def test_clients_through_nginx_spread_over_the_workers_and_all_receive(
     channel = unique("lb")
     clients, landed = [], []
     for _ in range(12):
-        client = await ProtocolClient.connect(nginx.ws + "/ws")
-        landed.append((await client.welcome())["worker"])
-        await client.subscribe(channel)
+        client, worker = await connect(nginx, channel)
         clients.append(client)
+        landed.append(worker)
     # least_conn hands each new long-lived connection to the least busy worker.
     assert sorted(landed.count(worker) for worker in set(landed)) == [4, 4, 4], landed
-    async with httpx.AsyncClient(base_url=nginx.http, timeout=10 * UNIT) as http:
-        ids = []
-        for n in range(20):
-            response = await http.post(f"/api/channels/{channel}/messages", json={"data": n})
-            assert response.status_code == 200, response.text
-            ids.append(response.json()["id"])
+    ids = await publish_through(nginx, channel, 20)
     for client in clients:
         assert [(await client.recv(timeout=10))["id"] for _ in ids] == ids
     for client in clients:
         await client.close()
+
+
+async def test_scaling_the_workers_reaches_new_ones_and_drops_gone_ones_without_a_restart(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """`docker compose up --scale worker=5`, then back to 3, on a running stack."""
+    replicas.scale_up(3)
+    nginx = Nginx(tmp_path / "nginx", replicas.port, replicas.addresses()).start()
+    channel = unique("scale")
+    clients: list[ProtocolClient] = []
+    try:
+        for _ in range(6):
+            clients.append((await connect(nginx, channel))[0])
+
+        # Up: Docker's DNS now lists five replicas; the watcher reloads nginx.
+        before = nginx.serving_processes()
+        new = replicas.scale_up(5)
+        nginx.set_workers(replicas.addresses())
+        await asyncio.to_thread(nginx.wait_reloaded, before, 1)
+        new_ids = ids_of(new)
+        landed: set[str] = set()
+        for _ in range(10):
+            if new_ids <= landed:
+                break
+            client, worker = await connect(nginx, channel)
+            clients.append(client)
+            landed.add(worker)
+        assert new_ids <= landed, f"new connections never reached the new replicas: {landed}"
+        # The clients from before the reload stay connected and served (nginx's old
+        # processes keep them until worker_shutdown_timeout), the new ones too.
+        ids = await publish_through(nginx, channel, 10)
+        for client in clients:
+            assert [(await client.recv(timeout=10))["id"] for _ in ids] == ids
+
+        # Down: the two newest replicas stop (compose removes the highest-numbered) and
+        # leave Docker's DNS; the watcher reloads nginx, which stops trying them.
+        before = nginx.serving_processes()
+        for worker in new:
+            worker.stop()
+        replicas.workers = replicas.workers[:3]
+        nginx.set_workers(replicas.addresses())
+        await asyncio.to_thread(nginx.wait_reloaded, before, 2)
+        log_seen = len(nginx.log())
+        remaining = ids_of(replicas.workers)
+        for _ in range(6):
+            client, worker = await connect(nginx, channel)
+            clients.append(client)
+            assert worker in remaining
+        # Without the reload nginx would first try a gone replica, be refused and log it.
+        assert "connect() failed" not in nginx.log()[log_seen:], nginx.log()[log_seen:]
+    finally:
+        for client in clients:
+            await client.close()
+        nginx.stop()
+
+
+async def test_without_the_watcher_nginx_never_reaches_a_new_replica(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """The trap the watcher is for: nginx resolves `worker` only when it loads its config."""
+    replicas.scale_up(1)
+    nginx = Nginx(tmp_path / "nginx", replicas.port, replicas.addresses(), watch=False).start()
+    channel = unique("nowatch")
+    clients: list[ProtocolClient] = []
+    try:
+        [first] = ids_of(replicas.workers)
+        replicas.scale_up(2)
+        nginx.set_workers(replicas.addresses())
+        for _ in range(4):
+            client, worker = await connect(nginx, channel)
+            clients.append(client)
+            assert worker == first
+    finally:
+        for client in clients:
+            await client.close()
+        nginx.stop()
 
 
 async def test_sigterm_of_a_worker_behind_nginx_loses_nothing(

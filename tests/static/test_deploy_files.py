@@ -2,7 +2,8 @@
 
 docker-compose.yml against the Compose specification (check-jsonschema) and what the
 topology promises; deploy/Dockerfile with hadolint and what the image promises;
-deploy/nginx.conf with `nginx -t`. Settings named in these files must be real ones.
+deploy/nginx.conf with `nginx -t`; the shell scripts with shellcheck. Settings named in
+these files must be real ones.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+WATCHER = ROOT / "deploy" / "nginx-watch-workers.sh"
 
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 # Environment variables of the image that are not settings of the service.
@@ -101,6 +103,25 @@ def test_nginx_serves_the_shipped_config_and_alone_publishes_a_port(
     assert nginx["depends_on"]["worker"]["condition"] in {"service_started", "service_healthy"}
     published = sorted(name for name, service in services.items() if service.get("ports"))
     assert published == ["nginx"], "only nginx may publish ports"
+
+
+def test_nginx_runs_the_worker_watcher_on_the_upstream_name(compose: dict[str, Any]) -> None:
+    nginx = compose["services"]["nginx"]
+    # The image's entrypoint runs /docker-entrypoint.d/*.sh only if they are executable.
+    [mount] = [v for v in nginx["volumes"] if v.startswith("./deploy/nginx-watch-workers.sh:")]
+    _, target, mode = mount.split(":")
+    assert re.fullmatch(r"/docker-entrypoint\.d/[^/]+\.sh", target), target
+    assert mode == "ro"
+    assert WATCHER.stat().st_mode & 0o111, "the watcher must be executable (git mode 100755)"
+    # It watches the name the upstream's `server` line uses, and that is the service.
+    watched = environment_of(nginx)["UPSTREAM_HOST"]
+    [server] = re.findall(r"^\s*server\s+([\w.-]+):8000\b", NGINX_CONF.read_text(), re.M)
+    assert watched == server == "worker"
+    assert watched in compose["services"]
+    assert int(environment_of(nginx)["UPSTREAM_WATCH_INTERVAL"]) >= 1
+    # The e2e tests run the watcher with Debian's glibc tools (getent, sort, paste): the
+    # image must be a Debian one, not Alpine's busybox and musl.
+    assert "alpine" not in nginx["image"], nginx["image"]
 
 
 def test_worker_environment_is_made_of_real_settings(
@@ -283,3 +304,16 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
         if "[warn]" in line and "exceed open file resource limit" not in line
     ]
     assert not warnings, output
+
+
+# --- shell scripts ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script",
+    [WATCHER, ROOT / "scripts" / "test", ROOT / "scripts" / "bootstrap", ROOT / ".ci" / "run"],
+    ids=lambda path: str(path.relative_to(ROOT)),
+)
+def test_shell_scripts_pass_shellcheck(script: Path) -> None:
+    result = run(tool("shellcheck"), "--severity=style", str(script))
+    assert result.returncode == 0, result.stdout + result.stderr
