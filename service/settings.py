@@ -154,6 +154,13 @@ class Settings(BaseSettings):
         5.0,
         description="Seconds to wait for Redis to connect, answer, or confirm a subscription.",
     )
+    redis_max_connections: PositiveInt = Field(
+        50,
+        description=(
+            "Connections a worker opens to Redis for commands (publish, history reads); "
+            "more at once wait up to BROKER_TIMEOUT for a free one."
+        ),
+    )
     redis_ping_interval: PositiveFloat = Field(
         1.0, description="Seconds of silence on the subscription connection before it is pinged."
     )

@@ -88,6 +88,7 @@ class Broker:
                 prefix=settings.redis_prefix,
                 client_name=f"{settings.redis_prefix}{worker_id}",
                 timeout=settings.broker_timeout,
+                max_connections=settings.redis_max_connections,
                 ping_interval=settings.redis_ping_interval,
                 ping_timeout=settings.redis_ping_timeout,
                 retry_max_delay=settings.redis_retry_max_delay,
