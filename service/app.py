@@ -23,6 +23,7 @@ from service.protocol.codes import ErrorCode
 from service.protocol.commands import Limits
 from service.runtime import Runtime
 from service.settings import SETTINGS_ENV_VAR, Settings
+from service.wire import ExposeRawSend
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None if private else "/redoc",
         openapi_url=None if private else "/openapi.json",
     )
+    # Outermost (FastAPI's error middleware passes WebSockets through untouched).
+    app.add_middleware(ExposeRawSend)
     app.include_router(ws.router)
     app.include_router(http.router)
     app.include_router(health.router)

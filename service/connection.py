@@ -3,8 +3,13 @@
 Both tasks run for the connection's whole life. The reader is what keeps uvicorn's
 websockets-sansio implementation reading the socket (it stops after each message
 until the app calls `receive()`), so pings get answered and a vanished client is
-noticed at once (PITFALLS.md). The writer drains the outbox; `deliver` only appends
-to it and never waits, and a full outbox closes the connection with 1013.
+noticed at once (PITFALLS.md). The writer drains the outbox; `deliver` never waits,
+and a full outbox closes the connection with 1013.
+
+`deliver` writes a frame to the socket at once when nothing is queued before it and
+the socket takes it without waiting (service/wire.py): most deliveries then cost no
+task switch at all. Otherwise it appends to the outbox, and the writer sends what has
+queued up in one write as soon as the client reads again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from service.metrics import Metrics
 from service.protocol.codes import CloseCode
+from service.wire import RAW_SEND, DirectWriter, Send, wire_frames
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,13 @@ class Connection:
         self._closing: tuple[CloseCode, str] | None = None
         self._client_gone = False
         self._writer: asyncio.Task[None] | None = None
+        # The server's own ASGI send (service.wire.ExposeRawSend), else Starlette's.
+        raw_send: Send | None = websocket.scope.get(RAW_SEND)
+        self._send: Send = raw_send if raw_send is not None else websocket._send
+        self._direct = DirectWriter.attach(raw_send)
+        # True while the writer holds a frame it took from the outbox but has not yet
+        # handed to the socket: nothing may be written directly before it.
+        self._sending = False
 
     @property
     def closing(self) -> bool:
@@ -59,8 +72,14 @@ class Connection:
         return self._closing is not None or self._client_gone
 
     def deliver(self, frame: str) -> None:
-        """Queue `frame` without waiting; a full outbox closes the connection with 1013."""
+        """Send or queue `frame` without waiting; a full outbox closes with 1013."""
         if self._closing is not None:
+            return
+        direct = self._direct
+        if direct is not None and not self._outbox and not self._sending and direct.writable():
+            # Nothing queued before it and the socket takes it now: no queue, no task.
+            direct.write(wire_frames(frame))
+            self._metrics.frames_direct += 1
             return
         size = len(frame)
         if (
@@ -151,18 +170,29 @@ class Connection:
 
     async def _write_loop(self) -> None:
         outbox = self._outbox
+        direct = self._direct
         try:
             while True:
                 while outbox:
-                    frame = outbox.popleft()
-                    self._outbox_chars -= len(frame)
-                    await self._ws.send_text(frame)
+                    if direct is not None and direct.writable():
+                        # Everything queued, in one write.
+                        data = b"".join(map(wire_frames, outbox))
+                        self._metrics.frames_queued += len(outbox)
+                        outbox.clear()
+                        self._outbox_chars = 0
+                        direct.write(data)
+                    elif direct is not None and direct.paused():
+                        # Frames stay queued (and counted) until the client reads again.
+                        await direct.wait_writable()
+                    else:
+                        await self._send_one()
                 self._extra_messages = self._extra_chars = 0  # drained: back to the limits
                 if self._closing is not None:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-        except (WebSocketDisconnect, WebSocketDisconnected):
+        except (WebSocketDisconnect, WebSocketDisconnected, OSError):
+            # OSError: uvicorn's ClientDisconnected, from its own send.
             self._client_gone = True
         except RuntimeError as exc:
             # uvicorn closed the connection itself (a frame over the size limit: 1009)
@@ -171,6 +201,17 @@ class Connection:
             if "websocket.close" not in str(exc):
                 raise
             self._client_gone = True
+
+    async def _send_one(self) -> None:
+        """Send the outbox's first frame through ASGI (the path without direct writes)."""
+        frame = self._outbox.popleft()
+        self._outbox_chars -= len(frame)
+        self._sending = True
+        try:
+            await self._send({"type": "websocket.send", "text": frame})
+        finally:
+            self._sending = False
+        self._metrics.frames_queued += 1
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> list[BaseException | None]:

@@ -33,6 +33,13 @@ class Metrics:
             ["via"],
             registry=self.registry,
         )
+        # Children looked up once: `labels()` costs a lock and a dict lookup per call.
+        self.published_ws = self.published.labels("ws")
+        self.published_http = self.published.labels("http")
+        # Plain counts on the delivery path (a Counter's lock would cost more than the
+        # write itself), exported at scrape time.
+        self.frames_direct = 0
+        self.frames_queued = 0
         self.deliveries = Counter(
             "broadcast_deliveries",
             "Frames handed to local connections by the fan-out.",
@@ -57,15 +64,25 @@ class Metrics:
 
     def watch(self, hub: Hub, broker: Broker) -> None:
         """Also export state read from the hub and the broker at scrape time."""
-        self.registry.register(_StateCollector(hub, broker))
+        self.registry.register(_StateCollector(self, hub, broker))
 
 
 class _StateCollector(Collector):
-    def __init__(self, hub: Hub, broker: Broker) -> None:
+    def __init__(self, metrics: Metrics, hub: Hub, broker: Broker) -> None:
+        self._metrics = metrics
         self._hub = hub
         self._broker = broker
 
     def collect(self) -> Iterator[Metric]:
+        writes = CounterMetricFamily(
+            "broadcast_frames_written",
+            "Frames written to clients: `direct` at once by the fan-out, `queued` after "
+            "waiting in the connection's outbox (slow reader, compression, backlog).",
+            labels=["path"],
+        )
+        writes.add_metric(["direct"], self._metrics.frames_direct)
+        writes.add_metric(["queued"], self._metrics.frames_queued)
+        yield writes
         yield GaugeMetricFamily(
             "broadcast_channels",
             "Channels this worker is subscribed to.",

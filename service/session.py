@@ -178,7 +178,7 @@ class Session(_ChannelSession):
                 except BrokerUnavailable as exc:
                     exc.ref = ref
                     raise
-                self._rt.metrics.published.labels("ws").inc()
+                self._rt.metrics.published_ws.inc()
                 self.deliver(frames.published(channel, message_id, ref))
             case Subscribe(channel, since, info, ref):
                 if channel in self._channels:
@@ -279,4 +279,4 @@ class SimpleSession(_ChannelSession):
         except ServiceError as exc:
             self.send_error(exc)
             return
-        self._rt.metrics.published.labels("ws").inc()
+        self._rt.metrics.published_ws.inc()

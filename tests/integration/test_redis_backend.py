@@ -17,6 +17,7 @@ async def backend(redis_server: RedisServer, prefix: str) -> AsyncIterator[Redis
         prefix=prefix,
         client_name=prefix + "test",
         timeout=5,
+        max_connections=10,
         ping_interval=1,
         ping_timeout=3,
         retry_max_delay=1,

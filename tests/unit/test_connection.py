@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from service.connection import Connection
@@ -9,8 +10,9 @@ from service.metrics import Metrics
 
 
 def outbox(max_messages: int = 10, max_chars: int = 100) -> Connection:
-    # No socket is touched: nothing here runs the writer.
-    websocket: Any = object()
+    # No socket is touched: nothing here runs the writer, and without uvicorn's own send
+    # in the scope there are no direct writes either.
+    websocket: Any = SimpleNamespace(scope={}, _send=None)
     return Connection(
         websocket,
         max_messages=max_messages,

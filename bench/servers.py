@@ -1,0 +1,193 @@
+"""The servers under load: one redis-server and N workers, each its own process.
+
+Started on free loopback ports, read through /proc (CPU seconds, resident memory) and
+stopped by their own PIDs. Nothing here touches a Redis the benchmark did not start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from service.settings import SETTINGS_ENV_VAR, Settings
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident memory now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def _wait(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():  # type: ignore[operator]
+                return
+        except (OSError, httpx.HTTPError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Process:
+    """A started server process and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        """The process's id."""
+        return self.popen.pid
+
+    def check_alive(self) -> None:
+        """Raise with the tail of its log if it has exited."""
+        if self.popen.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+
+
+class Servers:
+    """redis-server plus `workers` worker processes, started with `worker_env`."""
+
+    def __init__(self, workdir: Path, workers: int, worker_env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.worker_count = workers
+        self.worker_env = worker_env
+        self.redis: Process | None = None
+        self.workers: list[Process] = []
+        self.ports: list[int] = []
+
+    def __enter__(self) -> Servers:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_redis()
+            self._start_workers()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def processes(self) -> list[Process]:
+        """Every server process: the workers and Redis."""
+        return [*self.workers, *([self.redis] if self.redis else [])]
+
+    def ws_urls(self) -> list[str]:
+        """Each worker's protocol endpoint."""
+        return [f"ws://127.0.0.1:{port}/ws" for port in self.ports]
+
+    def cpu_seconds(self) -> float:
+        """CPU time all server processes have used so far."""
+        return sum(cpu_seconds(p.pid) for p in self.processes)
+
+    def worker_rss(self) -> int:
+        """Resident memory of all workers now."""
+        return sum(rss_bytes(p.pid) for p in self.workers)
+
+    def check_alive(self) -> None:
+        """Raise if any server process has exited."""
+        for process in self.processes:
+            process.check_alive()
+
+    def stop(self) -> None:
+        """Stop every process this started, by PID."""
+        for process in reversed(self.processes):
+            process.stop()
+
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, env=env
+            )
+        return Process(name, popen, log)
+
+    def _start_redis(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(binary).exists():
+            raise RuntimeError("redis-server is not installed: run scripts/bootstrap")
+        self.redis_port = free_port()
+        self.redis = self._start(
+            "redis",
+            [
+                *(binary, "--port", str(self.redis_port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+            ],
+        )
+        redis = self.redis
+
+        def answers() -> bool:
+            redis.check_alive()
+            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+
+        _wait(answers, 20, "redis-server")
+
+    def _start_workers(self) -> None:
+        # Only the settings given here: none from the shell that runs the benchmark.
+        settings = {name.upper() for name in Settings.model_fields} | {SETTINGS_ENV_VAR}
+        env = {key: value for key, value in os.environ.items() if key not in settings}
+        env.update(self.worker_env)
+        env["BROADCAST_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        for n in range(self.worker_count):
+            port = free_port()
+            self.ports.append(port)
+            self.workers.append(
+                self._start(
+                    f"worker-{n}",
+                    [sys.executable, "-m", "service", "--port", str(port), "--worker-id", f"w{n}"],
+                    env,
+                )
+            )
+        for worker, port in zip(self.workers, self.ports, strict=True):
+
+            def ready(worker: Process = worker, port: int = port) -> bool:
+                worker.check_alive()
+                url = f"http://127.0.0.1:{port}/readyz"
+                return httpx.get(url, timeout=2).status_code == 200
+
+            _wait(ready, 30, f"{worker.name} to be ready")

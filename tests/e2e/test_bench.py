@@ -1,0 +1,53 @@
+"""The benchmark tool's smoke run, so that it cannot rot: every scenario, tiny.
+
+It checks that the tool runs and that what it reports holds together (no loss, every
+figure present, the files written), not how fast anything is: speed is the full
+benchmark's business (docs/performance.md), never a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Progress for each scenario, then the table.
+    for name in ("fanout-50k", "fanout-max", "channels", "idle", "burst", "storm"):
+        assert f"] {name}: " in result.stdout
+    assert "CPU s/100k" in result.stdout
+    document = json.loads((out / "results.json").read_text())
+    rows = {s["summary"]["scenario"]: s["summary"] for s in document["scenarios"]}
+    assert set(rows) == {"fanout-50k", "fanout-max", "channels", "idle", "burst", "storm"}
+    for name in ("fanout-50k", "fanout-max", "channels"):
+        row = rows[name]
+        assert row["lost"] == 0
+        assert row["duplicates"] == 0
+        assert row["deliveries_per_s"] > 0
+        assert row["cpu_s_per_100k"] > 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert rows["idle"]["kb_per_connection"] > 0
+    assert rows["burst"]["failures"] == 0
+    storm = rows["storm"]
+    assert (storm["lost"], storm["duplicates"]) == (0, 0)
+    recovered, clients = storm["recovered"].split("/")
+    assert recovered == clients
+    assert (out / "plot.png").read_bytes().startswith(b"\x89PNG")
