@@ -23,7 +23,6 @@ from service.protocol.codes import ErrorCode
 from service.protocol.commands import Limits
 from service.runtime import Runtime
 from service.settings import SETTINGS_ENV_VAR, Settings
-from service.wire import ExposeRawSend
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +31,12 @@ _PROTOCOL_ERROR_STATUS = {ErrorCode.MESSAGE_TOO_LARGE: 413}
 _RETRY_AFTER_SECONDS = "1"
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build a worker's app; Redis is connected in its lifespan, not here."""
+def create_app(settings: Settings) -> ws.WebSocketEndpoints:
+    """Build a worker's app; Redis is connected in its lifespan, not here.
+
+    The WebSocket endpoints sit in front of the FastAPI app (service/api/ws.py), which
+    serves everything else, the lifespan included.
+    """
     metrics = Metrics()
 
     @asynccontextmanager
@@ -81,9 +84,6 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None if private else "/redoc",
         openapi_url=None if private else "/openapi.json",
     )
-    # Outermost (FastAPI's error middleware passes WebSockets through untouched).
-    app.add_middleware(ExposeRawSend)
-    app.include_router(ws.router)
     app.include_router(http.router)
     app.include_router(health.router)
     if settings.demo_page:
@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
             headers={"Retry-After": _RETRY_AFTER_SECONDS},
         )
 
-    return app
+    return ws.WebSocketEndpoints(app)
 
 
 def _warn_about_open_doors(settings: Settings) -> None:
@@ -131,7 +131,7 @@ def _warn_about_open_doors(settings: Settings) -> None:
         )
 
 
-def create_app_from_environment() -> FastAPI:
+def create_app_from_environment() -> ws.WebSocketEndpoints:
     """Factory for uvicorn: settings handed over by `python -m service`, else from the env."""
     handed_over = os.environ.get(SETTINGS_ENV_VAR)
     settings = Settings.model_validate_json(handed_over) if handed_over else Settings()

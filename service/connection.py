@@ -1,15 +1,17 @@
-"""One WebSocket connection: a reader and a writer task, and a bounded outbox between.
+"""One WebSocket connection: a read loop, a bounded outbox, and a writer when needed.
 
-Both tasks run for the connection's whole life. The reader is what keeps uvicorn's
-websockets-sansio implementation reading the socket (it stops after each message
-until the app calls `receive()`), so pings get answered and a vanished client is
-noticed at once (PITFALLS.md). The writer drains the outbox; `deliver` never waits,
-and a full outbox closes the connection with 1013.
+The read loop runs in the endpoint's own task for the connection's whole life. It is
+what keeps uvicorn's websockets-sansio implementation reading the socket (it stops
+after each message until the app calls `receive()`), so pings get answered and a
+vanished client is noticed at once (PITFALLS.md).
 
-`deliver` writes a frame to the socket at once when nothing is queued before it and
-the socket takes it without waiting (service/wire.py): most deliveries then cost no
-task switch at all. Otherwise it appends to the outbox, and the writer sends what has
-queued up in one write as soon as the client reads again.
+`deliver` never waits. It writes a frame to the socket at once when nothing is queued
+before it and the socket takes it without waiting (service/wire.py): most deliveries
+cost no queue and no task switch. Otherwise the frame goes into the outbox, and a
+writer task, started for the occasion and gone once the outbox is empty, sends what
+has queued up in one write as soon as the client reads again. A full outbox closes
+the connection with 1013. An idle connection holds no task but the endpoint's, and no
+queue: memory per connection is what bounds a worker (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from service.metrics import Metrics
 from service.protocol.codes import CloseCode
-from service.wire import RAW_SEND, DirectWriter, Send, wire_frames
+from service.wire import DirectWriter, Send, forget_handshake, wire_frames
 
 logger = logging.getLogger(__name__)
 
 
 class Connection:
-    """Transport half of a session: outbox, writer, reader loop and closing."""
+    """Transport half of a session: outbox, writer, read loop and closing."""
 
     def __init__(
         self,
@@ -49,22 +51,27 @@ class Connection:
         self._max_messages = max_messages
         self._max_chars = max_chars
         self._metrics = metrics
-        self._outbox: deque[str] = deque()
+        # Made when a frame has to wait, dropped once drained (an empty deque is 600 bytes).
+        self._outbox: deque[str] | None = None
         self._outbox_chars = 0
         # Room granted above the limits to a resume's backlog, until the outbox drains.
         self._extra_messages = 0
         self._extra_chars = 0
-        self._wakeup = asyncio.Event()
         self._closing: tuple[CloseCode, str] | None = None
         self._client_gone = False
         self._writer: asyncio.Task[None] | None = None
-        # The server's own ASGI send (service.wire.ExposeRawSend), else Starlette's.
-        raw_send: Send | None = websocket.scope.get(RAW_SEND)
-        self._send: Send = raw_send if raw_send is not None else websocket._send
-        self._direct = DirectWriter.attach(raw_send)
+        # The ASGI `send` the endpoint got: uvicorn's own (service/api/ws.py).
+        self._send: Send = websocket._send
+        self._direct = DirectWriter.attach(self._send)
+        forget_handshake(self._send)
         # True while the writer holds a frame it took from the outbox but has not yet
         # handed to the socket: nothing may be written directly before it.
         self._sending = False
+        # The task running the read loop while it runs, and whether the loop must end
+        # (the connection is closing: see `_stop_reading`).
+        self._reader: asyncio.Task[None] | None = None
+        self._stop = False
+        self._stop_cancelled = False
 
     @property
     def closing(self) -> bool:
@@ -82,15 +89,18 @@ class Connection:
             self._metrics.frames_direct += 1
             return
         size = len(frame)
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
         if (
-            len(self._outbox) >= self._max_messages + self._extra_messages
+            len(outbox) >= self._max_messages + self._extra_messages
             or self._outbox_chars + size > self._max_chars + self._extra_chars
         ):
             self.overwhelmed()
             return
-        self._outbox.append(frame)
+        outbox.append(frame)
         self._outbox_chars += size
-        self._wakeup.set()
+        self._start_writer()
 
     def deliver_backlog(self, frames: Sequence[str]) -> None:
         """Queue frames a resumed subscription missed, even past the outbox limits.
@@ -101,11 +111,13 @@ class Connection:
         if self._closing is not None or not frames:
             return
         chars = sum(map(len, frames))
+        if self._outbox is None:
+            self._outbox = deque()
         self._outbox.extend(frames)
         self._outbox_chars += chars
         self._extra_messages += len(frames)
         self._extra_chars += chars
-        self._wakeup.set()
+        self._start_writer()
 
     def overwhelmed(self) -> None:
         """Close as a slow consumer: more frames came than the client may queue."""
@@ -118,12 +130,15 @@ class Connection:
             return
         self._closing = (code, reason)
         if not flush:
-            self._outbox.clear()
+            self._outbox = None
             self._outbox_chars = 0
             if self._writer is not None:
                 # It may be parked on a paused transport; nobody waits for this client.
                 self._writer.cancel()
-        self._wakeup.set()
+            self._stop_reading()
+        elif self._writer is None:
+            self._stop_reading()  # nothing to flush
+        # Otherwise the writer stops the reading once it has sent what was queued.
         self.release()
 
     def release(self) -> None:
@@ -138,12 +153,35 @@ class Connection:
     async def run(self) -> None:
         """Serve the connection until the client leaves or it is closed."""
         self._metrics.connections.inc()
-        reader = asyncio.create_task(self._read_loop())
-        self._writer = writer = asyncio.create_task(self._write_loop())
         try:
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            # The read loop, here rather than in a method of its own: every frame that
+            # waits as long as the connection lives costs each idle connection memory.
+            task = asyncio.current_task()
+            assert task is not None
+            self._reader = task
+            try:
+                while not self._stop:
+                    message = await self._ws.receive()
+                    if message["type"] == "websocket.disconnect":
+                        self._client_gone = True
+                        break
+                    text = message.get("text")
+                    if text is not None:
+                        await self.handle_text(text)
+                    else:
+                        await self.handle_bytes(message.get("bytes") or b"")
+            except asyncio.CancelledError:
+                if not self._stop_cancelled or task.cancelling() > 1:
+                    raise  # not (only) ours: uvicorn's, or the server shutting down
+                task.uncancel()  # our own stop: the connection is closing
+            finally:
+                self._reader = None
+        except Exception:
+            logger.exception("connection task failed")
+            self._closing = self._closing or (CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            for result in await _cancel(reader, writer):
+            if self._writer is not None:
+                [result] = await _cancel(self._writer)
                 if isinstance(result, Exception):
                     logger.error("connection task failed", exc_info=result)
                     self._closing = self._closing or (CloseCode.INTERNAL_ERROR, "internal error")
@@ -156,41 +194,23 @@ class Connection:
                 async with asyncio.timeout(self._close_timeout):
                     await self._ws.close(code, reason)
 
-    async def _read_loop(self) -> None:
-        while True:
-            message = await self._ws.receive()
-            if message["type"] == "websocket.disconnect":
-                self._client_gone = True
-                return
-            text = message.get("text")
-            if text is not None:
-                await self.handle_text(text)
-            else:
-                await self.handle_bytes(message.get("bytes") or b"")
+    def _stop_reading(self) -> None:
+        """End the read loop: the connection is closing (sent, or given up on)."""
+        self._stop = True
+        reader = self._reader
+        if reader is not None and reader is not asyncio.current_task():
+            # It waits in receive() (or in a command): wake it. From inside the loop's
+            # own task the flag is enough, it is checked before the next receive.
+            self._stop_cancelled = True
+            reader.cancel()
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
-        outbox = self._outbox
-        direct = self._direct
         try:
-            while True:
-                while outbox:
-                    if direct is not None and direct.writable():
-                        # Everything queued, in one write.
-                        data = b"".join(map(wire_frames, outbox))
-                        self._metrics.frames_queued += len(outbox)
-                        outbox.clear()
-                        self._outbox_chars = 0
-                        direct.write(data)
-                    elif direct is not None and direct.paused():
-                        # Frames stay queued (and counted) until the client reads again.
-                        await direct.wait_writable()
-                    else:
-                        await self._send_one()
-                self._extra_messages = self._extra_chars = 0  # drained: back to the limits
-                if self._closing is not None:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            await self._drain()
         except (WebSocketDisconnect, WebSocketDisconnected, OSError):
             # OSError: uvicorn's ClientDisconnected, from its own send.
             self._client_gone = True
@@ -199,13 +219,42 @@ class Connection:
             # before the reader saw it, and refuses later sends with a RuntimeError
             # ("Unexpected ASGI message 'websocket.send', after sending 'websocket.close'").
             if "websocket.close" not in str(exc):
-                raise
+                self._stop_reading()
+                raise  # logged by run(), which closes with 1011
             self._client_gone = True
+        except Exception:
+            self._stop_reading()
+            raise
+        else:
+            if self._closing is None:
+                self._writer = None  # idle again: the next queued frame starts another
+                return
+        # Closing and flushed, or the client is gone: the read loop ends too.
+        self._stop_reading()
 
-    async def _send_one(self) -> None:
+    async def _drain(self) -> None:
+        direct = self._direct
+        while outbox := self._outbox:
+            if direct is not None and direct.writable():
+                # Everything queued, in one write.
+                data = b"".join(map(wire_frames, outbox))
+                self._metrics.frames_queued += len(outbox)
+                self._outbox = None
+                self._outbox_chars = 0
+                direct.write(data)
+            elif direct is not None and direct.paused():
+                # Frames stay queued (and counted) until the client reads again.
+                await direct.wait_writable()
+            else:
+                await self._send_one(outbox)
+        self._extra_messages = self._extra_chars = 0  # drained: back to the limits
+
+    async def _send_one(self, outbox: deque[str]) -> None:
         """Send the outbox's first frame through ASGI (the path without direct writes)."""
-        frame = self._outbox.popleft()
+        frame = outbox.popleft()
         self._outbox_chars -= len(frame)
+        if not outbox:
+            self._outbox = None
         self._sending = True
         try:
             await self._send({"type": "websocket.send", "text": frame})

@@ -52,9 +52,10 @@ class _ChannelSession(Connection):
         )
         self._rt = runtime
         self._principal = principal
-        self._publishes = PublishLimiter(settings.publish_rate, settings.publish_burst)
-        # Verifying a token costs far more than any other command.
-        self._refreshes = TokenBucket(_REFRESH_RATE, _REFRESH_BURST)
+        # Made on first use: most connections never publish nor refresh, and an idle
+        # connection's every byte counts (docs/performance.md).
+        self._publishes: PublishLimiter | None = None
+        self._refreshes: TokenBucket | None = None
         self._expiry: asyncio.TimerHandle | None = None
         # channel -> the `info` it announced itself with (None: no join/leave events)
         self._channels: dict[str, bytes | None] = {}
@@ -77,6 +78,9 @@ class _ChannelSession(Connection):
             raise ProtocolError(
                 ErrorCode.FORBIDDEN, f"not allowed to publish to {channel!r}", ref=ref
             )
+        if self._publishes is None:
+            settings = self._rt.settings
+            self._publishes = PublishLimiter(settings.publish_rate, settings.publish_burst)
         if self._publishes.allow():
             return
         error = ProtocolError(
@@ -215,6 +219,9 @@ class Session(_ChannelSession):
                 await self._refresh(token, ref)
 
     async def _refresh(self, token: str, ref: Ref | None) -> None:
+        if self._refreshes is None:
+            # Verifying a token costs far more than any other command.
+            self._refreshes = TokenBucket(_REFRESH_RATE, _REFRESH_BURST)
         if not self._refreshes.take():
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many refreshes", ref=ref)
         if self._principal.anonymous and self._rt.authenticator.enabled:

@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from service.connection import Connection
 from service.metrics import Metrics
 
-
-def outbox(max_messages: int = 10, max_chars: int = 100) -> Connection:
-    # No socket is touched: nothing here runs the writer, and without uvicorn's own send
-    # in the scope there are no direct writes either.
-    websocket: Any = SimpleNamespace(scope={}, _send=None)
-    return Connection(
-        websocket,
-        max_messages=max_messages,
-        max_chars=max_chars,
-        close_timeout=1,
-        metrics=Metrics(),
-    )
+Outbox = Callable[..., Connection]
 
 
-def test_a_full_outbox_closes_the_connection() -> None:
+@pytest.fixture
+async def outbox() -> AsyncIterator[Outbox]:
+    """Connections whose socket never takes a frame: everything stays queued."""
+    made: list[Connection] = []
+
+    async def never_sends(message: Any) -> None:
+        await asyncio.Event().wait()
+
+    def make(max_messages: int = 10, max_chars: int = 100) -> Connection:
+        # Without uvicorn's own send there are no direct writes: frames queue, and the
+        # writer started for them waits on `never_sends` for ever.
+        websocket: Any = SimpleNamespace(scope={}, _send=never_sends)
+        connection = Connection(
+            websocket,
+            max_messages=max_messages,
+            max_chars=max_chars,
+            close_timeout=1,
+            metrics=Metrics(),
+        )
+        made.append(connection)
+        return connection
+
+    yield make
+    for connection in made:
+        if connection._writer is not None:
+            connection._writer.cancel()
+            await asyncio.gather(connection._writer, return_exceptions=True)
+
+
+async def test_a_full_outbox_closes_the_connection(outbox: Outbox) -> None:
     connection = outbox(max_chars=100)
     connection.deliver("x" * 60)
     assert not connection.closing
@@ -30,7 +52,9 @@ def test_a_full_outbox_closes_the_connection() -> None:
     assert connection.closing
 
 
-def test_a_backlog_past_the_limits_does_not_get_the_next_frame_refused() -> None:
+async def test_a_backlog_past_the_limits_does_not_get_the_next_frame_refused(
+    outbox: Outbox,
+) -> None:
     connection = outbox(max_messages=10, max_chars=100)
     connection.deliver_backlog(["x" * 50] * 12)  # 600 characters, 12 frames
     connection.deliver("live")
@@ -43,8 +67,16 @@ def test_a_backlog_past_the_limits_does_not_get_the_next_frame_refused() -> None
     assert connection.closing
 
 
-def test_overwhelmed_closes_as_a_slow_consumer() -> None:
+async def test_overwhelmed_closes_as_a_slow_consumer(outbox: Outbox) -> None:
     connection = outbox()
     connection.overwhelmed()
     assert connection.closing
     connection.deliver("after")  # ignored: closing
+
+
+async def test_an_idle_connection_holds_no_writer_and_no_queue(outbox: Outbox) -> None:
+    connection = outbox()
+    assert connection._writer is None
+    assert connection._outbox is None
+    connection.deliver("x")
+    assert connection._writer is not None  # started for the queued frame
