@@ -45,15 +45,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="a worker setting, e.g. --set WS_PER_MESSAGE_DEFLATE=true (repeatable)",
     )
     parser.add_argument(
+        "--uvicorn",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="replace one of uvicorn's options, to compare by measurement: ws=wsproto, "
+        "ws=websockets, loop=asyncio, http=h11 (repeatable; the service itself always "
+        "runs websockets-sansio, uvloop and httptools)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default bench/results/<time>)"
     )
     args = parser.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(names)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    for item in args.set:
+    for item in [*args.set, *args.uvicorn]:
         if "=" not in item:
-            parser.error(f"--set takes NAME=VALUE, not {item!r}")
+            parser.error(f"--set and --uvicorn take NAME=VALUE, not {item!r}")
+    unknown_options = {item.split("=", 1)[0] for item in args.uvicorn} - {"ws", "loop", "http"}
+    if unknown_options:
+        parser.error(f"--uvicorn takes ws, loop or http, not {', '.join(sorted(unknown_options))}")
     return args
 
 
@@ -65,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(BENCH_SETTINGS)
     settings.update(item.split("=", 1) for item in args.set)
+    uvicorn_overrides = dict(item.split("=", 1) for item in args.uvicorn)
     chosen = [s for s in scenarios.FULL if s.name in args.scenarios.split(",")]
     if args.smoke:
         chosen = [scenarios.smoke(s) for s in chosen]
@@ -76,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         started = time.monotonic()
-        measurement = scenarios.run(scenario, args.workers, settings, out / scenario.name)
+        measurement = scenarios.run(
+            scenario, args.workers, settings, out / scenario.name, uvicorn_overrides
+        )
         measurements.append(measurement)
         print(f"      done in {time.monotonic() - started:.0f} s", flush=True)
     print()
     print(report.table(measurements))
-    report.write_json(measurements, out / "results.json", {"workers": args.workers, **settings})
+    document_settings = {"workers": args.workers, **settings, "uvicorn": uvicorn_overrides}
+    report.write_json(measurements, out / "results.json", document_settings)
     report.plot(measurements, out / "plot.png")
     print(f"\nresults: {out / 'results.json'}\nplot:    {out / 'plot.png'}")
     broken = [

@@ -147,9 +147,15 @@ class Measurement:
         return out
 
 
-def run(scenario: Scenario, workers: int, worker_env: dict[str, str], workdir: Path) -> Measurement:
+def run(
+    scenario: Scenario,
+    workers: int,
+    worker_env: dict[str, str],
+    workdir: Path,
+    uvicorn_overrides: dict[str, str] | None = None,
+) -> Measurement:
     """Start fresh servers, drive them through `scenario`, stop them; the measurement."""
-    with Servers(workdir, workers, worker_env) as servers:
+    with Servers(workdir, workers, worker_env, uvicorn_overrides) as servers:
         measurement = Measurement(scenario, workers, {})
         marks: dict[str, tuple[float, float, float]] = {}
 

@@ -6,6 +6,7 @@ stopped by their own PIDs. Nothing here touches a Redis the benchmark did not st
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -89,10 +90,17 @@ class Process:
 class Servers:
     """redis-server plus `workers` worker processes, started with `worker_env`."""
 
-    def __init__(self, workdir: Path, workers: int, worker_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        workers: int,
+        worker_env: dict[str, str],
+        uvicorn_overrides: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.worker_count = workers
         self.worker_env = worker_env
+        self.uvicorn_overrides = uvicorn_overrides or {}
         self.redis: Process | None = None
         self.workers: list[Process] = []
         self.ports: list[int] = []
@@ -133,8 +141,8 @@ class Servers:
             process.check_alive()
 
     def stop(self) -> None:
-        """Stop every process this started, by PID."""
-        for process in reversed(self.processes):
+        """Stop every process this started, by PID: the workers first, then Redis."""
+        for process in self.processes:
             process.stop()
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
@@ -176,13 +184,17 @@ class Servers:
         for n in range(self.worker_count):
             port = free_port()
             self.ports.append(port)
-            self.workers.append(
-                self._start(
-                    f"worker-{n}",
-                    [sys.executable, "-m", "service", "--port", str(port), "--worker-id", f"w{n}"],
-                    env,
+            flags = ["--port", str(port), "--worker-id", f"w{n}"]
+            if self.uvicorn_overrides:
+                overrides = json.dumps(self.uvicorn_overrides)
+                command = [sys.executable, "-m", "bench.worker", overrides, *flags]
+                # bench.worker is found from the repository, wherever the worker runs.
+                env["PYTHONPATH"] = os.pathsep.join(
+                    filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
                 )
-            )
+            else:
+                command = [sys.executable, "-m", "service", *flags]
+            self.workers.append(self._start(f"worker-{n}", command, env))
         for worker, port in zip(self.workers, self.ports, strict=True):
 
             def ready(worker: Process = worker, port: int = port) -> bool:

@@ -390,8 +390,9 @@ async function traffic({ max }) {
   const failures = await connectAll([...subscribers, ...publishers], 50);
   if (failures.length) throw new Error(`${failures.length} clients failed to connect: ${failures[0]}`);
   log(`${subscribers.length} subscribers and ${publishers.length} publishers connected`);
-  // Warm-up: not measured.
-  await publishAtRate(publishers, Math.min(config.rate || 1000, 1000), config.warmup * 1000, false);
+  // Warm-up, the same way as the measured phase but not measured.
+  if (max) await publishAtMax(publishers, subscribers, config.window, config.warmup * 1000, false);
+  else await publishAtRate(publishers, config.rate, config.warmup * 1000, false);
   await drain(publishers, subscribers, 10_000);
   emit("ready");
   await waitForGo();

@@ -51,3 +51,27 @@ def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
     recovered, clients = storm["recovered"].split("/")
     assert recovered == clients
     assert (out / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_benchmark_compares_uvicorn_options(tmp_path: Path) -> None:
+    """`--uvicorn` starts the workers through bench.worker with the option replaced."""
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench", "--smoke", "--scenarios", "fanout-50k"),
+            *("--uvicorn", "ws=wsproto", "--out", str(out)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads((out / "results.json").read_text())
+    assert document["settings"]["uvicorn"] == {"ws": "wsproto"}
+    [row] = [s["summary"] for s in document["scenarios"]]
+    assert (row["lost"], row["duplicates"]) == (0, 0)
+    # wsproto has no direct writes: every frame went through ASGI, and nothing broke.
+    for log in (out / "fanout-50k").glob("worker-*.log"):
+        assert "Traceback" not in log.read_text()
