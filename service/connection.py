@@ -196,6 +196,10 @@ class Connection:
 
     def _stop_reading(self) -> None:
         """End the read loop: the connection is closing (sent, or given up on)."""
+        if self._stop:
+            # Once only: a second cancellation (the client vanished, then the outbox
+            # overflowed) would look like uvicorn's and escape run().
+            return
         self._stop = True
         reader = self._reader
         if reader is not None and reader is not asyncio.current_task():

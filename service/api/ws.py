@@ -86,7 +86,12 @@ def _route_path(scope: Scope) -> str:
     """The path below the app's mount point (`root_path`), as Starlette's routing sees it."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    # `/w` is not the mount point of `/ws`: only a whole path segment is stripped.
+    return path[len(root) :] if path[len(root)] == "/" else path
 
 
 def principal_of(websocket: WebSocket, runtime: Runtime) -> Principal:
@@ -110,11 +115,10 @@ def principal_of(websocket: WebSocket, runtime: Runtime) -> Principal:
         # behind nginx's auth_basic, on WebSocket handshakes too.
         if scheme.lower() == "bearer":
             bearer = value.strip() or None
-    token = (
-        bearer
-        or QueryParams(scope["query_string"]).get("token")
-        or cookie_parser(headers.get("cookie", "")).get("token")
-    )
+    cookies: dict[str, str] = {}
+    for header in headers.getlist("cookie"):  # a client may split them over several
+        cookies.update(cookie_parser(header))
+    token = bearer or QueryParams(scope["query_string"]).get("token") or cookies.get("token")
     try:
         return runtime.authenticator.authenticate(token)
     except InvalidToken as exc:

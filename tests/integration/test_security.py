@@ -295,6 +295,16 @@ async def test_token_is_accepted_from_query_header_or_cookie(fleet: Fleet, via: 
     await client.close()
 
 
+async def test_a_token_cookie_in_a_second_cookie_header_is_found(fleet: Fleet) -> None:
+    """Cookies split over several `Cookie` headers are all read (as Starlette does)."""
+    client = await Client.connect(
+        fleet.secure.ws + "/ws",
+        additional_headers=[("Cookie", "theme=dark"), ("Cookie", f"token={token()}")],
+    )
+    assert (await client.welcome())["type"] == "welcome"
+    await client.close()
+
+
 # --- 2. bad tokens are refused at the handshake -----------------------------------------
 
 # (id, the token (None: none at all), the reason the worker logs)

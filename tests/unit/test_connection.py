@@ -80,3 +80,27 @@ async def test_an_idle_connection_holds_no_writer_and_no_queue(outbox: Outbox) -
     assert connection._outbox is None
     connection.deliver("x")
     assert connection._writer is not None  # started for the queued frame
+
+
+async def test_a_second_stop_does_not_cancel_the_read_loop_again() -> None:
+    """The client vanishes (the writer's send fails, the read loop is stopped), then the
+    outbox overflows before the loop has noticed: run() must still end normally."""
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def gone(message: Any) -> None:
+        raise OSError("client disconnected")  # what uvicorn's ClientDisconnected is
+
+    async def close(code: int, reason: str) -> None:
+        pass
+
+    websocket: Any = SimpleNamespace(scope={}, _send=gone, receive=received.get, close=close)
+    connection = Connection(
+        websocket, max_messages=1, max_chars=1000, close_timeout=1, metrics=Metrics()
+    )
+    running = asyncio.create_task(connection.run())
+    await asyncio.sleep(0)  # the read loop waits in receive()
+    connection.deliver("x")  # queued (no direct writes): a writer starts
+    await asyncio.sleep(0)  # its send fails: the client is gone, reading is stopped
+    connection.overwhelmed()  # and a burst overflows the outbox
+    await asyncio.wait_for(running, 5)  # returns, no CancelledError
+    assert connection.closing
