@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench --smoke ARGS`, as a user runs it from the repository."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--smoke", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -30,6 +30,12 @@ def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = run_bench("--out", str(out))
     # Progress for each scenario, then the table.
     for name in ("fanout-50k", "fanout-max", "channels", "idle", "burst", "storm"):
         assert f"] {name}: " in result.stdout
@@ -56,18 +62,7 @@ def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
 def test_the_benchmark_compares_uvicorn_options(tmp_path: Path) -> None:
     """`--uvicorn` starts the workers through bench.worker with the option replaced."""
     out = tmp_path / "bench"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench", "--smoke", "--scenarios", "fanout-50k"),
-            *("--uvicorn", "ws=wsproto", "--out", str(out)),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_bench("--scenarios", "fanout-50k", "--uvicorn", "ws=wsproto", "--out", str(out))
     document = json.loads((out / "results.json").read_text())
     assert document["settings"]["uvicorn"] == {"ws": "wsproto"}
     [row] = [s["summary"] for s in document["scenarios"]]
