@@ -2,8 +2,8 @@
 
 Served by a small ASGI app in front of the FastAPI app rather than as FastAPI routes:
 the middleware, routing and dependency machinery (exit stacks, exception wrappers,
-solved parameters) stay alive for as long as a WebSocket does, about 14 KB per idle
-connection, a third of what one cost (docs/performance.md). The handshake checks are
+solved parameters) stay alive for as long as a WebSocket does, about 12 KB per idle
+connection, more than a quarter of what one cost (docs/performance.md). The checks are
 the same: the Origin, then a token from the `Authorization: Bearer` header, the `token`
 query parameter or the `token` cookie; a refusal closes before `accept`, which is an
 HTTP 403. Anything else, the lifespan included, goes to the FastAPI app.
