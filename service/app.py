@@ -48,6 +48,7 @@ def create_app(settings: Settings) -> ws.WebSocketEndpoints:
                 linger=settings.channel_linger,
                 catchup_frames=settings.outbox_max_messages,
                 catchup_chars=settings.outbox_max_bytes,
+                fanout_chunk=settings.fanout_chunk,
                 on_fanout=metrics.deliveries.inc,
             )
             metrics.watch(hub, broker)

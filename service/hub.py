@@ -10,6 +10,12 @@ worker's subscription was interrupted, it reads what it missed from history and
 delivers that first, skipping the live copies that follow; and a member that resumes
 `since` an id joins with a buffer, reads history, and is switched to live delivery in
 one synchronous step, so that it sees every message once.
+
+A channel with more local members than `fanout_chunk` gets each message in chunks,
+with a turn of the event loop between them, so that one message to a huge channel does
+not hold every other connection of the worker for long. The pump finishes a message
+before it takes the next, so order holds; a resume that lands between two chunks is
+handed the message in flight if the fan-out had not reached its stand-in yet.
 """
 
 from __future__ import annotations
@@ -90,10 +96,20 @@ class _Catchup:
         self.overflowed = True
 
 
+@dataclass(slots=True)
+class _FanOut:
+    """A message being delivered in chunks: `members[served:]` have not had it yet."""
+
+    frame: str
+    members: tuple[Member, ...]
+    served: int = 0
+
+
 class _Channel:
     __slots__ = (
         "drop_task",
         "failure",
+        "fanout",
         "head",
         "lock",
         "members",
@@ -121,6 +137,8 @@ class _Channel:
         self.stack: AsyncExitStack | None = None
         self.pump: asyncio.Task[None] | None = None
         self.drop_task: asyncio.Task[None] | None = None
+        # The fan-out under way while it is split over several turns of the event loop.
+        self.fanout: _FanOut | None = None
 
 
 class Hub:
@@ -133,10 +151,12 @@ class Hub:
         linger: float,
         catchup_frames: int = 1000,
         catchup_chars: int = 1 << 20,
+        fanout_chunk: int = 1000,
         on_fanout: Callable[[int], None] | None = None,
     ) -> None:
         self._broker = broker
         self._linger = linger
+        self._fanout_chunk = fanout_chunk
         # Bounds of the buffer of live frames held for a member while it resumes.
         self._catchup = (catchup_frames, catchup_chars)
         self._on_fanout = on_fanout
@@ -245,6 +265,11 @@ class Hub:
             raise BrokerUnavailable("the worker is shutting down: reconnect to another one")
         # From here to the end nothing awaits: no frame can slip in between.
         channel.members.discard(catchup)
+        fanout = channel.fanout
+        if fanout is not None and catchup in fanout.members[fanout.served :]:
+            # A chunked fan-out is under way and has not reached the stand-in: the member
+            # takes that message from here, or it would get it from nowhere.
+            catchup.deliver(fanout.frame)
         if catchup.overflowed:
             # Live frames were dropped while the history was read: the member cannot be
             # served without a hole. Closed as a slow consumer, it resumes again.
@@ -356,11 +381,11 @@ class Hub:
             frame = event.message
             if frame == SUBSCRIPTION_INTERRUPTED:
                 for missed in await self._catch_up(channel):
-                    self._forward(channel, missed)
+                    await self._forward(channel, missed)
             else:
-                self._forward(channel, frame)
+                await self._forward(channel, frame)
 
-    def _forward(self, channel: _Channel, frame: str) -> None:
+    async def _forward(self, channel: _Channel, frame: str) -> None:
         position = position_of(frame, channel.head)
         if position is not None:
             last = channel.position
@@ -369,7 +394,7 @@ class Hub:
             channel.position = position
             if channel.pending:
                 self._promote(channel, position)
-        self._fan_out(channel, frame, in_history=position is not None)
+        await self._fan_out(channel, frame, in_history=position is not None)
 
     def _promote(self, channel: _Channel, position: Position) -> None:
         """Make plain members of the resumed members for whom `position` is new."""
@@ -378,21 +403,36 @@ class Hub:
                 del channel.pending[member]
                 channel.members.add(member)
 
-    def _fan_out(self, channel: _Channel, frame: str, *, in_history: bool) -> None:
+    async def _fan_out(self, channel: _Channel, frame: str, *, in_history: bool) -> None:
         # A snapshot: delivering may close a slow member, which leaves the channel.
         # Resumed members still waiting for the pump to pass their horizon get only the
         # frames that are not in history (join, leave, gap).
         members = tuple(channel.members)
         if channel.pending and not in_history:
             members += tuple(channel.pending)
+        chunk = self._fanout_chunk
+        if len(members) <= chunk:
+            self._deliver(channel, frame, members)
+        else:
+            fanout = channel.fanout = _FanOut(frame, members)
+            try:
+                for start in range(0, len(members), chunk):
+                    if start:
+                        await asyncio.sleep(0)  # let the worker's other connections run
+                    self._deliver(channel, frame, members[start : start + chunk])
+                    fanout.served = start + chunk
+            finally:
+                channel.fanout = None
+        if self._on_fanout is not None:
+            self._on_fanout(len(members))
+
+    def _deliver(self, channel: _Channel, frame: str, members: Sequence[Member]) -> None:
         for member in members:
             # One broken member must neither stop the fan-out nor end the pump.
             try:
                 member.deliver(frame)
             except Exception:
                 logger.exception("delivery to a member of %r failed", channel.name)
-        if self._on_fanout is not None:
-            self._on_fanout(len(members))
 
     async def _catch_up(self, channel: _Channel) -> Sequence[str]:
         """What the channel missed while the subscription was interrupted, from history.

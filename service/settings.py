@@ -116,6 +116,13 @@ class Settings(BaseSettings):
         1_048_576,
         description="Characters queued for one client before it is closed as a slow consumer.",
     )
+    fanout_chunk: PositiveInt = Field(
+        1_000,
+        description=(
+            "Local subscribers a message is handed to per turn of the event loop; a "
+            "bigger channel gets it in chunks, so that it does not stall the worker."
+        ),
+    )
     history_size: Annotated[int, Field(ge=0, le=100_000)] = Field(
         100,
         description=(

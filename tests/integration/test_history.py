@@ -191,10 +191,28 @@ async def test_a_redis_restart_starts_a_new_epoch_and_old_ids_do_not_recover(
 
 
 async def test_resuming_while_messages_pour_in_neither_drops_nor_repeats(worker: Worker) -> None:
+    await _resumes_race_a_publisher(worker)
+
+
+async def test_resumes_race_a_publisher_on_a_channel_fanned_out_in_chunks(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    """The same with every message handed out two members per turn of the event loop,
+    against real Redis. (The unit test of chunked fan-outs forces a resume between two
+    chunks; here it happens when it happens.)"""
+    worker = make_worker(
+        *redis_args(redis_server, prefix, "--fanout-chunk", "2"),
+        *("--publish-rate", "100000", "--publish-burst", "100000"),
+    )
+    await _resumes_race_a_publisher(worker, crowd=6)
+
+
+async def _resumes_race_a_publisher(worker: Worker, crowd: int = 0) -> None:
     # The switch from history to live races the publisher; wherever it falls, each
     # resumed subscription must be exactly the tail of the full stream.
     channel = unique("race")
     watcher = await subscribed_client(worker, channel)
+    others = [await subscribed_client(worker, channel) for _ in range(crowd)]
     publisher = await subscribed_client(worker)
     stop = asyncio.Event()
 
@@ -236,7 +254,10 @@ async def test_resuming_while_messages_pour_in_neither_drops_nor_repeats(worker:
     assert len(every) == sent
     for since, received in await asyncio.gather(*resumes):
         assert received == every[every.index(since) + 1 :]
-    for client in (watcher, publisher):
+    for other in others:
+        received = [(await other.recv(timeout=10))["id"] for _ in range(len(seen))]
+        assert received == seen
+    for client in (watcher, publisher, *others):
         await client.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -292,3 +293,63 @@ async def test_a_pump_lagging_in_an_older_epoch_does_not_promote_a_resumed_membe
     await async_wait_for(lambda: _has(watcher, 5), what="the stale frame and a new one")
     assert member.data() == [1, 2, 3]
     await hub.close()
+
+
+async def test_resumes_between_the_chunks_of_a_big_fan_out_miss_nothing() -> None:
+    """A channel bigger than `fanout_chunk` gets each message over several loop turns;
+    members resuming meanwhile, and everyone else, get every message exactly once."""
+    settings = Settings.model_validate({"history_size": 10_000})
+    async with Broker(settings, "test") as busy:
+        read_history = busy.history_after
+        turns = random.Random(7)
+
+        async def read_then_dawdle(*args: Any, **kwargs: Any) -> Any:
+            # As over a network: the reply comes back some turns of the loop after Redis
+            # read it, and the pump may be mid-fan-out of a newer message by then.
+            read = await read_history(*args, **kwargs)
+            for _ in range(turns.randrange(30)):
+                await asyncio.sleep(0)
+            return read
+
+        busy.history_after = read_then_dawdle  # type: ignore[method-assign]
+        hub = Hub(busy, linger=0, fanout_chunk=3)
+        crowd = [Recorder() for _ in range(40)]  # 14 chunks a message
+        for member in crowd:
+            await hub.join("big", member)
+        stop = asyncio.Event()
+
+        async def publish_forever() -> None:
+            # Spaced so that the pump keeps up (a message's fan-out takes 14 turns): the
+            # message in flight is then usually newer than what a resume's history read saw.
+            n = 0
+            while not stop.is_set():
+                await busy.publish("big", str(n).encode())
+                n += 1
+                for _ in range(20):
+                    await asyncio.sleep(0)
+
+        publisher = asyncio.create_task(publish_forever())
+        watcher = crowd[0]
+        resumed = []
+        for _ in range(40):
+            await async_wait_for(lambda: _has(watcher, 2), what="messages")
+            since = orjson.loads(watcher.frames[-2])["id"]
+            member = Recorder()
+            await hub.join("big", member, since=since)
+            resumed.append((since, member))
+        stop.set()
+        await publisher
+        await async_wait_for(lambda: _drained_on(watcher, busy, "big"), what="every message")
+        every = [orjson.loads(f)["id"] for f in watcher.frames]
+        assert len(every) == len(set(every))
+        for member in crowd:
+            assert [orjson.loads(f)["id"] for f in member.frames] == every
+        for since, member in resumed:
+            got = [orjson.loads(f)["id"] for f in member.frames]
+            assert got == every[every.index(since) + 1 :]
+        await hub.close()
+
+
+async def _drained_on(watcher: Recorder, broker: Broker, channel: str) -> bool:
+    last = orjson.loads(watcher.frames[-1])["id"]
+    return last == str((await broker.history_latest(channel, 0)).position)
