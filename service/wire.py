@@ -72,9 +72,9 @@ class DirectWriter:
 
         Call after the handshake: the negotiated extensions decide.
         """
-        protocol = getattr(send, "__self__", None)
-        if type(protocol) is not WebSocketsSansIOProtocol:
-            return None  # another implementation (wsproto, legacy websockets), or wrapped
+        protocol = _sansio_protocol(send)
+        if protocol is None:
+            return None
         try:
             conn = protocol.conn
             # Compressed frames differ per connection; debug mode logs every frame.
@@ -127,7 +127,16 @@ def forget_handshake(send: object) -> None:
     dropping them takes a seventh off an idle connection's memory. Call after `accept`;
     does nothing with any other implementation.
     """
-    protocol = getattr(send, "__self__", None)
-    if type(protocol) is WebSocketsSansIOProtocol and protocol.handshake_complete:
+    protocol = _sansio_protocol(send)
+    if protocol is not None and protocol.handshake_complete:
         protocol.request = None  # type: ignore[assignment]
         protocol.response = None  # type: ignore[assignment]
+
+
+def _sansio_protocol(send: object) -> WebSocketsSansIOProtocol | None:
+    """The websockets-sansio protocol object whose bound method `send` is, else None.
+
+    None for another implementation (wsproto, legacy websockets), or a wrapped `send`.
+    """
+    protocol = getattr(send, "__self__", None)
+    return protocol if type(protocol) is WebSocketsSansIOProtocol else None

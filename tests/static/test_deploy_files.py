@@ -21,6 +21,7 @@ import yaml
 
 from service.settings import Settings
 from tests.helpers import free_port
+from tests.nginx import nginx_binary
 
 pytestmark = pytest.mark.static
 
@@ -276,9 +277,7 @@ def test_dockerignore_keeps_local_and_secret_files_out_but_not_the_sources() -> 
 
 
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.fail("nginx is not installed: scripts/bootstrap installs it")
+    nginx = nginx_binary()
     # `nginx -t` resolves upstream host names, and `worker` exists only inside compose:
     # only that address changes.
     shipped, servers = re.subn(

@@ -130,14 +130,7 @@ async def test_resume_races_a_busy_publisher_without_gap_or_duplicate(broker: Br
         await hub.join("race", watcher)
         stop = asyncio.Event()
 
-        async def publish_forever() -> None:
-            n = 0
-            while not stop.is_set():
-                await busy.publish("race", str(n).encode())
-                n += 1
-                await asyncio.sleep(0)
-
-        publisher = asyncio.create_task(publish_forever())
+        publisher = asyncio.create_task(_publish_until(stop, busy, "race", turns=1))
         members = []
         for _ in range(30):
             await async_wait_for(lambda: _has(watcher, 1), what="messages")
@@ -148,7 +141,7 @@ async def test_resume_races_a_busy_publisher_without_gap_or_duplicate(broker: Br
         stop.set()
         await publisher
         await async_wait_for(
-            lambda: _drained(watcher, busy), what="the watcher to hear every message"
+            lambda: _drained(watcher, busy, "race"), what="the watcher to hear every message"
         )
         every = [orjson.loads(f)["id"] for f in watcher.frames]
         for since, member in members:
@@ -203,9 +196,19 @@ async def _has(member: Recorder, count: int) -> bool:
     return len(member.frames) >= count
 
 
-async def _drained(watcher: Recorder, broker: Broker) -> bool:
+async def _drained(watcher: Recorder, broker: Broker, channel: str) -> bool:
     last = orjson.loads(watcher.frames[-1])["id"]
-    return last == str((await broker.history_latest("race", 0)).position)
+    return last == str((await broker.history_latest(channel, 0)).position)
+
+
+async def _publish_until(stop: asyncio.Event, broker: Broker, channel: str, turns: int) -> None:
+    """Publish 0, 1, 2, ... to `channel`, `turns` turns of the event loop apart."""
+    n = 0
+    while not stop.is_set():
+        await broker.publish(channel, str(n).encode())
+        n += 1
+        for _ in range(turns):
+            await asyncio.sleep(0)
 
 
 def test_read_after_needs_every_seq_up_to_the_top() -> None:
@@ -318,17 +321,9 @@ async def test_resumes_between_the_chunks_of_a_big_fan_out_miss_nothing() -> Non
             await hub.join("big", member)
         stop = asyncio.Event()
 
-        async def publish_forever() -> None:
-            # Spaced so that the pump keeps up (a message's fan-out takes 14 turns): the
-            # message in flight is then usually newer than what a resume's history read saw.
-            n = 0
-            while not stop.is_set():
-                await busy.publish("big", str(n).encode())
-                n += 1
-                for _ in range(20):
-                    await asyncio.sleep(0)
-
-        publisher = asyncio.create_task(publish_forever())
+        # Spaced so that the pump keeps up (a message's fan-out takes 14 turns): the
+        # message in flight is then usually newer than what a resume's history read saw.
+        publisher = asyncio.create_task(_publish_until(stop, busy, "big", turns=20))
         watcher = crowd[0]
         resumed = []
         for _ in range(40):
@@ -339,7 +334,7 @@ async def test_resumes_between_the_chunks_of_a_big_fan_out_miss_nothing() -> Non
             resumed.append((since, member))
         stop.set()
         await publisher
-        await async_wait_for(lambda: _drained_on(watcher, busy, "big"), what="every message")
+        await async_wait_for(lambda: _drained(watcher, busy, "big"), what="every message")
         every = [orjson.loads(f)["id"] for f in watcher.frames]
         assert len(every) == len(set(every))
         for member in crowd:
@@ -348,8 +343,3 @@ async def test_resumes_between_the_chunks_of_a_big_fan_out_miss_nothing() -> Non
             got = [orjson.loads(f)["id"] for f in member.frames]
             assert got == every[every.index(since) + 1 :]
         await hub.close()
-
-
-async def _drained_on(watcher: Recorder, broker: Broker, channel: str) -> bool:
-    last = orjson.loads(watcher.frames[-1])["id"]
-    return last == str((await broker.history_latest(channel, 0)).position)
