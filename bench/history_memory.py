@@ -16,8 +16,12 @@ import time
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from service.broker.redis_history import RedisHistory
+from service.broker.redis_pipe import ScriptPipe
 
 CHANNEL = "chat:lobby"
 SIZES = (16, 128, 1024)  # bytes of `data` (a JSON string)
@@ -34,8 +38,23 @@ def free_port() -> int:
 async def measure(redis: Redis, size: int, count: int) -> tuple[int, int]:
     """Bytes of the stream and of the meta hash after `count` messages of `size` bytes."""
     await redis.flushall()
+    port = redis.connection_pool.connection_kwargs["port"]
+    pipes: list[ScriptPipe] = []
+
+    def pipe(script: str) -> ScriptPipe:
+        pipes.append(
+            ScriptPipe(
+                script,
+                lambda: Connection(port=port, protocol=2),
+                timeout=10,
+                retry=Retry(NoBackoff(), 0),
+            )
+        )
+        return pipes[-1]
+
     history = RedisHistory(
         redis,
+        pipe=pipe,
         pubsub_key=lambda channel: channel.encode(),
         prefix="bench:",
         size=count,
@@ -45,6 +64,8 @@ async def measure(redis: Redis, size: int, count: int) -> tuple[int, int]:
     data = orjson.dumps("x" * (size - 2))
     for _ in range(count):
         await history.publish(CHANNEL, data)
+    for made in pipes:
+        await made.close()
     stream = await redis.memory_usage(f"bench:history:{{{CHANNEL}}}", samples=0) or 0
     meta = await redis.memory_usage(f"bench:meta:{{{CHANNEL}}}", samples=0) or 0
     return stream, meta

@@ -164,8 +164,9 @@ class Settings(BaseSettings):
     redis_max_connections: PositiveInt = Field(
         50,
         description=(
-            "Connections a worker opens to Redis for commands (publish, history reads); "
-            "more at once wait up to BROKER_TIMEOUT for a free one."
+            "Connections a worker opens to Redis for commands other than publishing messages "
+            "(history reads, join and leave events, pings); more at once wait up to "
+            "BROKER_TIMEOUT for a free one. The subscription and publish connections are extra."
         ),
     )
     redis_ping_interval: PositiveFloat = Field(

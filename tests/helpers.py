@@ -168,8 +168,12 @@ class RedisServer:
         return pubsub
 
     def clients_named(self, name: str) -> list[dict[str, Any]]:
-        """Every connection (commands and pub/sub) a worker opened under `name`."""
+        """The connections (the command pool's and pub/sub) a worker opened under `name`."""
         return [c for c in self.client().client_list() if c.get("name") == name]
+
+    def publish_clients(self, name: str) -> list[dict[str, Any]]:
+        """The publish connection of the worker whose other connections are named `name`."""
+        return self.clients_named(name + ":publish")
 
 
 class Worker:

@@ -97,6 +97,7 @@ class Broker:
             )
             self._history = RedisHistory(
                 self._redis.client,
+                pipe=self._redis.script_pipe,
                 pubsub_key=self._redis.key,
                 prefix=settings.redis_prefix,
                 size=settings.history_size,

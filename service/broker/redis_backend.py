@@ -26,16 +26,18 @@ import os
 import random
 from typing import Any
 
+import hiredis
 from broadcaster import BroadcastBackend, Event
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.broker.canary import Canary
+from service.broker.redis_pipe import ScriptPipe, reply_error, streams
 from service.errors import BrokerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ SUBSCRIPTION_INTERRUPTED = "\x00interrupted"
 # Log the first non-UTF-8 payload, then one in this many.
 _DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
+# Bytes asked of the pub/sub socket per read: several messages when they come in bursts.
+_READ_SIZE = 1 << 16
 
 
 def check_redis_url(url: str) -> None:
@@ -81,6 +85,7 @@ class RedisBackend(BroadcastBackend):
     ) -> None:
         # BroadcastBackend.__init__ only raises NotImplementedError: not called on purpose.
         self._prefix = prefix
+        self._client_name = client_name
         self._timeout = timeout
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -94,6 +99,11 @@ class RedisBackend(BroadcastBackend):
         # when every connection is busy, which failed a third of the resumes of a
         # 1000-client reconnect storm (bench storm scenario,
         # test_a_storm_of_resumes_waits_for_pool_connections_instead_of_failing).
+        self._retry = Retry(
+            ExponentialWithJitterBackoff(base=_FIRST_RETRY_DELAY, cap=0.5),
+            retries=3,
+            supported_errors=(RedisConnectionError,),
+        )
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -102,13 +112,10 @@ class RedisBackend(BroadcastBackend):
             client_name=client_name,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(
-                ExponentialWithJitterBackoff(base=_FIRST_RETRY_DELAY, cap=0.5),
-                retries=3,
-                supported_errors=(RedisConnectionError,),
-            ),
+            retry=self._retry,
         )
         self._client: Redis = Redis(connection_pool=pool)
+        self._pipes: list[ScriptPipe] = []
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         # channel name -> set once Redis confirmed our latest SUBSCRIBE to it
         self._wanted: dict[str, asyncio.Event] = {}
@@ -158,6 +165,8 @@ class RedisBackend(BroadcastBackend):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for pipe in self._pipes:
+            await pipe.close()
         await self._client.aclose(close_connection_pool=True)
 
     async def subscribe(self, channel: str) -> None:
@@ -194,6 +203,22 @@ class RedisBackend(BroadcastBackend):
     def client(self) -> Redis:
         """The client for commands (not pub/sub), shared with the history store."""
         return self._client
+
+    def script_pipe(self, script: str) -> ScriptPipe:
+        """A runner of `script` on a connection of its own, for the hot path (publishes).
+
+        Retried like the pool's commands (connection errors only); closed with the backend.
+        """
+        # Named apart from the pool's connections, so that CLIENT LIST tells them apart.
+        name = f"{self._client_name}:publish"
+        pipe = ScriptPipe(
+            script,
+            lambda: self._new_connection(client_name=name),
+            timeout=self._timeout,
+            retry=self._retry,
+        )
+        self._pipes.append(pipe)
+        return pipe
 
     def key(self, channel: str) -> bytes:
         """The Redis pub/sub channel of `channel`."""
@@ -278,20 +303,23 @@ class RedisBackend(BroadcastBackend):
             # wanted channels; raising here would corrupt broadcaster's bookkeeping.
             logger.debug("pub/sub command %s not sent: %r", args[0], exc)
 
-    def _new_connection(self) -> AbstractConnection:
+    def _new_connection(self, client_name: str | None = None) -> AbstractConnection:
         pool = self._client.connection_pool
-        # Our own connection, outside the pool, with no retries of its own: the reader
-        # decides when and how often to reconnect. RESP2, because redis-py 8 speaks RESP3 by
-        # default and then routes pub/sub messages through a push handler that formats a
-        # debug line for each one; in RESP2 they are plain replies.
+        # A connection of our own, outside the pool, with no retries of its own: its user
+        # (the pub/sub reader, a script pipe) decides when and how often to reconnect, and
+        # reads it with hiredis itself. RESP2, because redis-py 8 speaks RESP3 by default and
+        # then routes pub/sub messages through a push handler that formats a debug line for
+        # each one; in RESP2 they are plain replies.
         kwargs = {
             **pool.connection_kwargs,
             "retry": Retry(NoBackoff(), 0),
             "protocol": 2,
-            # Cluster maintenance notifications need RESP3; this connection only subscribes.
+            # Cluster maintenance notifications need RESP3, which this connection does not speak.
             "maint_notifications_config": MaintNotificationsConfig(enabled=False),
             "maint_notifications_pool_handler": None,
         }
+        if client_name is not None:
+            kwargs["client_name"] = client_name
         return pool.connection_class(**kwargs)
 
     async def _run_reader(self) -> None:
@@ -341,19 +369,32 @@ class RedisBackend(BroadcastBackend):
             delay = min(delay * 2, self._retry_max_delay)
 
     async def _read(self, conn: AbstractConnection) -> None:
+        # Reads whatever has arrived and parses it with hiredis: redis-py's read_response
+        # awaits every line of every message and costs several times more CPU per message
+        # (docs/performance.md).
+        reader, _ = streams(conn)
+        parser = hiredis.Reader(replyError=reply_error)
         loop = asyncio.get_running_loop()
         last_heard = loop.time()
         while True:
-            reply = await conn.read_response(timeout=self._ping_interval)
-            if reply is None:
+            try:
+                async with asyncio.timeout(self._ping_interval):
+                    data = await reader.read(_READ_SIZE)
+            except TimeoutError:
                 silent = loop.time() - last_heard
                 if silent >= self._ping_interval + self._ping_timeout:
-                    raise TimeoutError(f"no reply from Redis for {silent:.1f} s")
+                    raise TimeoutError(f"no reply from Redis for {silent:.1f} s") from None
                 await conn.send_command("PING", check_health=False)
                 continue
+            if not data:
+                raise RedisConnectionError("Redis closed the pub/sub connection")
             last_heard = loop.time()
-            if isinstance(reply, list) and len(reply) == 3:
-                self._handle(reply[0], reply[1], reply[2])
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if isinstance(reply, ResponseError):
+                    raise reply
+                if isinstance(reply, list) and len(reply) == 3:
+                    self._handle(reply[0], reply[1], reply[2])
 
     def _handle(self, kind: bytes, key: bytes, data: Any) -> None:
         if key == self._canary_key:

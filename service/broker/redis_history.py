@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from service.broker.history import HistoryRead, Position, new_epoch, read_after
+from service.broker.redis_pipe import ScriptPipe
 from service.errors import BrokerUnavailable
 from service.protocol.frames import message_parts
 
@@ -90,6 +91,7 @@ class RedisHistory:
         self,
         client: Redis,
         *,
+        pipe: Callable[[str], ScriptPipe],
         pubsub_key: Callable[[str], bytes],
         prefix: str,
         size: int,
@@ -101,7 +103,8 @@ class RedisHistory:
         self._size = size
         self._ttl = ttl
         self._meta_ttl = meta_ttl
-        self._publish = client.register_script(_PUBLISH)
+        # The hot path: a connection of its own, pipelined (service/broker/redis_pipe.py).
+        self._publish = pipe(_PUBLISH)
         self._read = client.register_script(_READ)
 
     async def publish(self, channel: str, data: bytes) -> str:

@@ -293,7 +293,10 @@ async def test_sigterm_refuses_new_connections_closes_with_1012_releases_redis_a
         }
         assert len(unsubscribed) == 2, [c["command"] for c in commands]
         # ...and nothing of it is left in Redis; the other worker keeps its subscription.
-        wait_for(lambda: not redis_server.clients_named(name), what="no connection left")
+        wait_for(
+            lambda: not redis_server.clients_named(name) and not redis_server.publish_clients(name),
+            what="no connection left",
+        )
         assert numsub(redis_server, prefix + channel) == 1
         assert numsub(redis_server, prefix + bulk) == 0
     finally:

@@ -94,16 +94,22 @@ def test_publish_rides_out_a_dropped_command_connection(
     make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
 ) -> None:
     # Redis.from_url() builds a client with no retries: the first command after a
-    # dropped connection would fail. Ours retries connection errors.
+    # dropped connection would fail. Ours retries connection errors, on the pool's
+    # connections and on the publish connection alike.
     worker = make_worker(*redis_args(redis_server, prefix))
     channel = unique("retry")
-    worker.publish(channel, "warm up the pool")
+    worker.publish(channel, "warm up the connections")
+    history = f"{worker.http}/api/channels/{channel}/history"
+    assert httpx.get(history, timeout=5 * UNIT).status_code == 200  # a pool connection
     name = worker.redis_name(prefix)
     commands = [c for c in redis_server.clients_named(name) if "P" not in c["flags"]]
+    [publishing] = redis_server.publish_clients(name)
     assert commands
-    for connection in commands:
+    for connection in [*commands, publishing]:
         redis_server.client().client_kill_filter(_id=connection["id"])
     worker.publish(channel, "after the drop")  # asserts 200
+    assert httpx.get(history, timeout=5 * UNIT).status_code == 200
+    assert [c["id"] for c in redis_server.publish_clients(name)] != [publishing["id"]]
 
 
 async def test_per_message_deflate_is_off_by_default(

@@ -78,3 +78,22 @@ async def test_an_old_ack_does_not_confirm_a_newer_subscribe(backend: RedisBacke
     await backend.subscribe(channel)
     await backend.wait_subscribed(channel)
     assert backend._pending == {}
+
+
+async def test_messages_read_in_bursts_and_in_pieces_arrive_whole_and_in_order(
+    backend: RedisBackend, redis_server: RedisServer, prefix: str
+) -> None:
+    # The reader parses whatever one read returns: many messages at once (a pipeline of
+    # PUBLISHes), or part of one (a message larger than a read).
+    channel = unique("burst")
+    await backend.subscribe(channel)
+    await backend.wait_subscribed(channel)
+    big = "x" * 300_000
+    sent = [f"m{n}" for n in range(2000)] + [big, "after"]
+    with redis_server.client().pipeline(transaction=False) as pipe:
+        for text in sent:
+            pipe.publish(prefix + channel, text)
+        pipe.execute()
+    received = [(await backend.next_published()) for _ in sent]
+    assert [event.channel for event in received] == [channel] * len(sent)
+    assert [event.message for event in received] == sent

@@ -1,0 +1,176 @@
+"""The publish connection (service/broker/redis_pipe.py) against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.broker import Broker
+from service.broker.redis_pipe import ScriptPipe
+from service.settings import Settings
+from tests.helpers import UNIT, RedisProxy, RedisServer, async_wait_for, unique
+
+# Returns its argument after incrementing a counter: the order and the number of runs
+# show whether each caller got its own reply, and how often Redis ran the script.
+_COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1]}"
+
+
+def counting_pipe(server: RedisServer, timeout: float = 5.0) -> ScriptPipe:
+    return ScriptPipe(
+        _COUNT,
+        lambda: Connection(port=server.port, protocol=2, client_name="pipe-test"),
+        timeout=timeout,
+        retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
+    )
+
+
+async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply(
+    redis_server: RedisServer,
+) -> None:
+    key = unique("count")
+    pipe = counting_pipe(redis_server)
+    try:
+        replies = await asyncio.gather(*(pipe(keys=[key], args=[n]) for n in range(500)))
+        assert [arg for _, arg in replies] == [str(n).encode() for n in range(500)]
+        assert sorted(count for count, _ in replies) == list(range(1, 501))
+        assert len(redis_server.clients_named("pipe-test")) == 1
+    finally:
+        await pipe.close()
+
+
+async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
+    redis_server: RedisServer,
+) -> None:
+    key = unique("flushed")
+    pipe = counting_pipe(redis_server)
+    try:
+        assert await pipe(keys=[key], args=["a"]) == [1, b"a"]
+        redis_server.client().script_flush()
+        assert await pipe(keys=[key], args=["b"]) == [2, b"b"]
+        [sha] = {redis_server.client().script_load(_COUNT)}
+        assert redis_server.client().script_exists(sha) == [True]
+    finally:
+        await pipe.close()
+
+
+async def test_an_error_reply_fails_only_its_own_call(redis_server: RedisServer) -> None:
+    key = unique("wrongtype")
+    redis_server.client().set(key, "not a counter")
+    pipe = counting_pipe(redis_server)
+    good = unique("good")
+    try:
+        results = await asyncio.gather(
+            pipe(keys=[good], args=["before"]),
+            pipe(keys=[key], args=["bad"]),
+            pipe(keys=[good], args=["after"]),
+            return_exceptions=True,
+        )
+        assert results[0] == [1, b"before"]
+        assert isinstance(results[1], ResponseError)
+        assert "not an integer" in str(results[1])
+        assert results[2] == [2, b"after"]
+    finally:
+        await pipe.close()
+
+
+async def test_a_cancelled_call_leaves_its_reply_to_nobody(redis_server: RedisServer) -> None:
+    # Its reply still arrives, in its turn: it must not be handed to the next caller.
+    key = unique("cancelled")
+    pipe = counting_pipe(redis_server)
+    try:
+        await pipe(keys=[key], args=["connect"])
+        cancelled = asyncio.create_task(pipe(keys=[key], args=["cancelled"]))
+        await asyncio.sleep(0)  # written, not yet answered
+        cancelled.cancel()
+        assert await pipe(keys=[key], args=["next"]) == [3, b"next"]
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    finally:
+        await pipe.close()
+
+
+async def test_a_frozen_redis_times_out_and_the_next_call_reconnects(
+    own_redis: RedisServer,
+) -> None:
+    key = unique("frozen")
+    pipe = counting_pipe(own_redis, timeout=0.5 * UNIT)
+    assert own_redis.process is not None
+    try:
+        await pipe(keys=[key], args=["warm"])
+        [before] = own_redis.clients_named("pipe-test")
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeoutError, match="no reply from Redis within"):
+                await pipe(keys=[key], args=["frozen"])
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+        # The connection that did not answer in time is not used again.
+        reply = await pipe(keys=[key], args=["thawed"])
+        assert reply[1] == b"thawed"
+        assert [c["id"] for c in own_redis.clients_named("pipe-test")] != [before["id"]]
+    finally:
+        await pipe.close()
+
+
+async def test_calls_in_flight_when_the_connection_breaks_are_retried(
+    redis_server: RedisServer,
+) -> None:
+    key = unique("dropped")
+    proxy = await RedisProxy(redis_server.port).start()
+    pipe = ScriptPipe(
+        _COUNT,
+        lambda: Connection(port=proxy.port, protocol=2),
+        timeout=5,
+        retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
+    )
+    try:
+        await pipe(keys=[key], args=["connect"])
+        proxy.arm(b"lost-reply")
+        calls = [
+            asyncio.create_task(pipe(keys=[key], args=["lost-reply"])),
+            asyncio.create_task(pipe(keys=[key], args=["behind it"])),
+        ]
+
+        # Redis ran both; their replies are swallowed until the connection is cut.
+        async def both_ran() -> bool:
+            return await asyncio.to_thread(redis_server.client().get, key) == b"3"
+
+        await async_wait_for(both_ran, what="Redis ran both")
+        proxy.cut()
+        # Each is run again on a new connection (this script, unlike the publish
+        # script, is not idempotent: the count shows the second run).
+        replies = await asyncio.gather(*calls)
+        assert [arg for _, arg in replies] == [b"lost-reply", b"behind it"]
+        assert sorted(count for count, _ in replies) == [4, 5]
+    finally:
+        await pipe.close()
+        await proxy.close()
+
+
+async def test_the_worker_publishes_through_its_own_named_connection(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    settings = Settings.model_validate(
+        {"broadcast_url": f"redis://127.0.0.1:{redis_server.port}", "redis_prefix": prefix}
+    )
+    async with Broker(settings, "w9") as broker:
+        first = await broker.publish("news", b"0")  # connects, and loads the script
+        assert first.endswith(":1")
+        # Written in the order they were made, answered in that order.
+        ids = await asyncio.gather(*(broker.publish("news", b"%d" % n) for n in range(50)))
+        assert [int(i.split(":")[1]) for i in ids] == list(range(2, 52))
+        assert len(redis_server.publish_clients(prefix + "w9")) == 1
+
+    async def closed() -> bool:
+        return not await asyncio.to_thread(redis_server.publish_clients, prefix + "w9")
+
+    await async_wait_for(closed, what="the publish connection closed on exit")
