@@ -60,6 +60,7 @@ async def measure(redis: Redis, size: int, count: int) -> tuple[int, int]:
         size=count,
         ttl=300,
         meta_ttl=604_800,
+        token_ttl=30,
     )
     data = orjson.dumps("x" * (size - 2))
     for _ in range(count):

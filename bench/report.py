@@ -36,6 +36,13 @@ _COLUMNS = [
 
 def _other(row: dict[str, Any]) -> str:
     parts = []
+    if "cpu_us_per_publish" in row and "cpu_s_per_100k" not in row:
+        # Nothing delivered (`publish`): what each publish cost instead.
+        parts.append(
+            f"{row['cpu_us_per_publish']:.0f} us CPU per publish "
+            f"(workers {row['worker_cpu_us_per_publish']:.0f}, "
+            f"redis {row['redis_cpu_us_per_publish']:.0f})"
+        )
     if "kb_per_connection" in row:
         parts.append(f"{row['kb_per_connection']:.1f} KB/connection")
     if "all_subscribed_ms" in row:

@@ -61,6 +61,18 @@ FULL = [
         rate=1000,
         duration=20,
     ),
+    # Not a target of its own: `channels` minus this is what receiving and delivering
+    # cost (docs/performance.md, "What bounds the rest").
+    Scenario(
+        "publish",
+        "fanout",
+        "the publishing path alone: 100 channels nobody subscribes to, 1000 publishes/s",
+        subscribers=0,
+        channels=100,
+        publishers=10,
+        rate=1000,
+        duration=20,
+    ),
     Scenario(
         "idle",
         "idle",
@@ -93,7 +105,11 @@ def smoke(scenario: Scenario) -> Scenario:
     return replace(
         scenario,
         description=f"smoke version of: {scenario.description}",
-        subscribers=max(scenario.channels * 2, min(scenario.subscribers // 20, 100)),
+        subscribers=(
+            max(scenario.channels * 2, min(scenario.subscribers // 20, 100))
+            if scenario.subscribers
+            else 0
+        ),
         rate=min(scenario.rate, 50),
         duration=min(scenario.duration, 2.0),
         warmup=0.5,
@@ -126,6 +142,11 @@ class Measurement:
             out["worker_cpu_s_per_100k"] = self.worker_cpu_s / deliveries * 100_000
             out["redis_cpu_s_per_100k"] = self.redis_cpu_s / deliveries * 100_000
             out["loadgen_cores"] = r["loadgen_cpu_s"] / r["seconds"]
+        published = r.get("published")
+        if published and self.scenario.kind == "fanout":
+            out["cpu_us_per_publish"] = self.server_cpu_s / published * 1e6
+            out["worker_cpu_us_per_publish"] = self.worker_cpu_s / published * 1e6
+            out["redis_cpu_us_per_publish"] = self.redis_cpu_s / published * 1e6
         if "latency" in r and r["latency"]["samples"]:
             for q in ("p50_ms", "p99_ms", "max_ms"):
                 out[q] = r["latency"][q]

@@ -21,7 +21,7 @@ from broadcaster._base import Subscriber, Unsubscribed
 
 from service.broker.history import HistoryRead, MemoryHistory, Position
 from service.broker.redis_backend import RedisBackend
-from service.broker.redis_history import RedisHistory
+from service.broker.redis_history import RedisHistory, publish_token_ttl
 from service.errors import BrokerUnavailable
 from service.settings import Settings
 
@@ -103,6 +103,7 @@ class Broker:
                 size=settings.history_size,
                 ttl=settings.history_ttl,
                 meta_ttl=settings.history_meta_ttl,
+                token_ttl=publish_token_ttl(settings.broker_timeout),
             )
             self._broadcast = Broadcast(backend=self._redis)
 

@@ -33,7 +33,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.broker.canary import Canary
@@ -391,7 +391,7 @@ class RedisBackend(BroadcastBackend):
             last_heard = loop.time()
             parser.feed(data)
             while (reply := parser.gets()) is not False:
-                if isinstance(reply, ResponseError):
+                if isinstance(reply, Exception):  # an error reply (reply_error made it)
                     raise reply
                 if isinstance(reply, list) and len(reply) == 3:
                     self._handle(reply[0], reply[1], reply[2])

@@ -14,6 +14,7 @@ Publishing runs in one script, so a message is numbered, kept and published at o
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -80,9 +81,6 @@ end
 return {epoch, top, entries}
 """
 
-# Longer than every retry of one call can take (connection errors only, backoff <= 0.5 s).
-_PUBLISH_TOKEN_TTL_SECONDS = 10
-
 
 class RedisHistory:
     """Publishes messages with their ids and history, and reads that history back."""
@@ -97,12 +95,15 @@ class RedisHistory:
         size: int,
         ttl: int,
         meta_ttl: int,
+        token_ttl: int,
     ) -> None:
         self._pubsub_key = pubsub_key
         self._prefix = prefix
         self._size = size
         self._ttl = ttl
         self._meta_ttl = meta_ttl
+        # Must outlive every retry of one call (see `publish_token_ttl`).
+        self._token_ttl = token_ttl
         # The hot path: a connection of its own, pipelined (service/broker/redis_pipe.py).
         self._publish = pipe(_PUBLISH)
         self._read = client.register_script(_READ)
@@ -114,7 +115,7 @@ class RedisHistory:
         token = f"{self._prefix}pub:{{{channel}}}:{os.urandom(12).hex()}"
         key = self._pubsub_key(channel)
         args: list[EncodableT] = [head, tail, key, new_epoch(), self._size, self._ttl]
-        args += [self._meta_ttl, _PUBLISH_TOKEN_TTL_SECONDS]
+        args += [self._meta_ttl, self._token_ttl]
         try:
             message_id = await self._publish(keys=[meta, stream, token], args=args)
         except RedisError as exc:
@@ -149,6 +150,17 @@ class RedisHistory:
 
     def _keys(self, channel: str) -> tuple[str, str]:
         return f"{self._prefix}meta:{{{channel}}}", f"{self._prefix}history:{{{channel}}}"
+
+
+def publish_token_ttl(timeout: float) -> int:
+    """Seconds Redis keeps a publish's token, for calls that give up after `timeout`.
+
+    A call is retried (on connection errors) until `timeout` after it was made, and its
+    last attempt may wait `timeout` more for a reply (service/broker/redis_pipe.py): the
+    token must outlive all of that, or a late retry would publish a second time. The
+    margin covers the watchdog's period and the backoff.
+    """
+    return math.ceil(2 * timeout) + 10
 
 
 def _text(value: Any) -> str:

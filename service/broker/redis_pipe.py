@@ -2,17 +2,23 @@
 
 Every publish is one script call. Through redis-py's command path (pool checkout, the
 retry wrapper, a timeout per read, a parser that awaits each line of the reply) one call
-costs this process about 200 µs of CPU on the benchmark's machine kind: more than the
-worker spends delivering the message to ten subscribers. Here a call packs its command,
-writes it behind those already in flight and waits for its reply; one reader task feeds
-whatever arrives to hiredis and hands the replies out in order. redis-py still makes the
-connection (TLS, AUTH, database, client name), so the URL means the same as elsewhere.
+costs this process about 200 µs more CPU than it needs on the benchmark's machine kind
+(docs/performance.md). Here a call packs its command, writes it behind those already in
+flight and waits for its reply; one reader task feeds whatever arrives to hiredis and
+hands the replies out in order. redis-py still makes the connection (TLS, AUTH,
+database, client name), so the URL means the same as elsewhere.
 
-The guarantees of the pooled path are kept: a connection error is retried (redis-py's
-`Retry`, with the same backoff), which is safe because the publish script is idempotent
-(its token); a call that gets no reply within `timeout` fails, and the connection is
-dropped, as redis-py drops one that timed out (every call still on it is retried on a
-new one).
+What the pooled path promised still holds:
+
+* Connection errors are retried, with redis-py's `Retry` (safe because the publish
+  script is idempotent: its token). Nothing is retried once the call's deadline
+  (`timeout` after it was made) has passed, so a call gives up within about twice
+  `timeout`: a last attempt may wait up to `timeout` for its reply.
+* A call that gets no reply within `timeout` of being written fails, and the
+  connection is dropped (reset, so that nothing still buffered on it reaches Redis
+  later), as redis-py drops one that timed out. The other calls on it are retried.
+* Concurrent calls share one connection attempt: while Redis does not answer, they all
+  fail after one connect timeout, not one after another.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
@@ -35,11 +42,18 @@ from redis.typing import EncodableT
 _READ_SIZE = 1 << 16
 
 
-def reply_error(message: str) -> ResponseError:
-    """The redis-py exception for an error reply (hiredis calls this for each one)."""
-    if message.startswith("NOSCRIPT"):
-        return NoScriptError(message)
-    return ResponseError(message)
+class PipeClosed(RedisError):
+    """The pipe was closed (the worker is shutting down): not retried."""
+
+
+def reply_error(message: str) -> RedisError:
+    """The redis-py exception for an error reply, as redis-py's own parsers make it.
+
+    hiredis calls this for each error reply. The classes matter: `LOADING` is a
+    connection error (retried), `NOSCRIPT` makes the pipe send the whole script.
+    """
+    error: RedisError = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+    return error
 
 
 def streams(conn: AbstractConnection) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -66,18 +80,23 @@ class _Link:
         self._parser = hiredis.Reader(replyError=reply_error)
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
-        self.broken: Exception | None = None
+        self.broken: RedisError | None = None
         self._task = asyncio.create_task(self._read(), name="redis-publish-reader")
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Write one packed command; the future gets its reply (or the error reply)."""
         if self.broken is not None:
             raise self.broken
+        try:
+            # No drain: every call waits for its reply, so what is buffered here is
+            # bounded by the publishes in flight.
+            self._writer.write(packed)
+        except Exception as exc:  # uvloop raises RuntimeError on a closing transport
+            error = RedisConnectionError(f"Redis connection unusable: {exc!r}")
+            self.close(error)
+            raise error from exc
         future = self._loop.create_future()
         self._waiting.append((self._loop.time(), future))
-        # No drain: every call waits for its reply, so what is buffered here is bounded
-        # by the publishes in flight.
-        self._writer.write(packed)
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self._check_every, self._check)
         return future
@@ -115,21 +134,24 @@ class _Link:
                     # A caller that was cancelled left its future behind: its reply still
                     # arrives here, in its turn, and is dropped.
                     if not future.done():
-                        if isinstance(reply, ResponseError):
+                        if isinstance(reply, Exception):
                             future.set_exception(reply)
                         else:
                             future.set_result(reply)
-            error: Exception = RedisConnectionError("Redis closed the connection")
+            error: RedisError = RedisConnectionError("Redis closed the connection")
         except asyncio.CancelledError:
             error = RedisConnectionError("the connection was closed")
         except IndexError:
             error = RedisConnectionError("Redis sent a reply nobody asked for")
         except Exception as exc:  # a reset socket, a protocol error: the link is done
             error = RedisConnectionError(f"Redis connection lost: {exc!r}")
-        self._fail(error)
+        self.close(error)
         await self.conn.disconnect(nowait=True)
 
-    def _fail(self, error: Exception) -> None:
+    def close(self, error: RedisError) -> None:
+        """Fail every call in flight with `error`, and reset the connection."""
+        if self.broken is not None:
+            return
         self.broken = error
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -138,11 +160,10 @@ class _Link:
             _, future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(error)
-
-    def close(self, error: Exception) -> None:
-        """Fail every call in flight with `error` and drop the connection."""
-        if self.broken is None:
-            self._fail(error)
+        # A reset, not a graceful close: commands still buffered here must not reach
+        # Redis after they were retried on another connection.
+        self._writer.transport.abort()
+        if self._task is not asyncio.current_task():
             self._task.cancel()
 
 
@@ -163,52 +184,77 @@ class ScriptPipe:
         self._timeout = timeout
         self._retry = retry
         self._link: _Link | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Task[_Link] | None = None
+        self._closed = False
 
     async def __call__(self, keys: list[EncodableT], args: list[EncodableT]) -> Any:
         """Run the script (EVALSHA; EVAL once Redis says it does not have it)."""
         call = [len(keys), *keys, *args]
+        deadline = asyncio.get_running_loop().time() + self._timeout
         try:
             return await self._retry.call_with_retry(
-                lambda: self._attempt(b"EVALSHA", self._sha, call), _ignore
+                lambda: self._attempt(b"EVALSHA", self._sha, call, deadline), _ignore
             )
         except NoScriptError:
             # New to this Redis (or its script cache was flushed): EVAL caches it again.
             return await self._retry.call_with_retry(
-                lambda: self._attempt(b"EVAL", self._script, call), _ignore
+                lambda: self._attempt(b"EVAL", self._script, call, deadline), _ignore
             )
 
     async def close(self) -> None:
-        """Drop the connection; calls in flight fail with a connection error."""
+        """Stop: calls in flight and later calls fail (`PipeClosed`), nothing reconnects."""
+        # A connection attempt under way finds the pipe closed when it ends.
+        self._closed = True
         link, self._link = self._link, None
         if link is not None:
-            link.close(RedisConnectionError("the publish connection was closed"))
+            link.close(PipeClosed("the publish connection was closed"))
             await link.conn.disconnect(nowait=True)
 
-    async def _attempt(self, command: bytes, script: bytes, call: list[EncodableT]) -> Any:
+    async def _attempt(
+        self, command: bytes, script: bytes, call: list[EncodableT], deadline: float
+    ) -> Any:
+        if self._closed:
+            raise PipeClosed("the publish connection was closed")
+        if asyncio.get_running_loop().time() >= deadline:
+            raise RedisTimeoutError(f"Redis did not take the call within {self._timeout:g} s")
         link = self._link
         if link is None or link.broken is not None:
-            link = await self._connect()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    link = await self._connect()
+            except TimeoutError:
+                message = f"no connection to Redis within {self._timeout:g} s"
+                raise RedisTimeoutError(message) from None
         # hiredis's stub types the argument as a tuple of one item; it takes any number.
         packed = hiredis.pack_command((command, script, *call))  # type: ignore[arg-type]
         return await link.send(packed)
 
     async def _connect(self) -> _Link:
+        # Every caller waits for the same attempt (shielded: one caller giving up does
+        # not cancel it for the others), and gets its error if it fails.
         if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            link = self._link
-            if link is not None and link.broken is None:
-                return link  # another call connected while this one waited
-            conn = self._connection()
-            try:
-                # Bounded by the connection's own connect and socket timeouts.
-                await conn.connect()  # type: ignore[no-untyped-call]
-            except BaseException:
-                await conn.disconnect(nowait=True)
-                raise
-            self._link = _Link(conn, self._timeout)
-            return self._link
+            self._connecting = asyncio.create_task(self._make_link(), name="redis-publish-connect")
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, task: asyncio.Task[_Link]) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every waiter may have given up
+
+    async def _make_link(self) -> _Link:
+        conn = self._connection()
+        try:
+            # Bounded by the connection's own connect and socket timeouts.
+            await conn.connect()  # type: ignore[no-untyped-call]
+            if self._closed:
+                raise PipeClosed("the publish connection was closed")
+            link = _Link(conn, self._timeout)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._link = link
+        return link
 
 
 async def _ignore(error: Exception) -> None:

@@ -37,12 +37,14 @@ def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = run_bench("--out", str(out))
     # Progress for each scenario, then the table.
-    for name in ("fanout-50k", "fanout-max", "channels", "idle", "burst", "storm"):
+    names = {"fanout-50k", "fanout-max", "channels", "publish", "idle", "burst", "storm"}
+    for name in names:
         assert f"] {name}: " in result.stdout
     assert "CPU s/100k" in result.stdout
+    assert "us CPU per publish" in result.stdout
     document = json.loads((out / "results.json").read_text())
     rows = {s["summary"]["scenario"]: s["summary"] for s in document["scenarios"]}
-    assert set(rows) == {"fanout-50k", "fanout-max", "channels", "idle", "burst", "storm"}
+    assert set(rows) == names
     for name in ("fanout-50k", "fanout-max", "channels"):
         row = rows[name]
         assert row["lost"] == 0
@@ -50,6 +52,10 @@ def test_the_benchmark_runs_every_scenario_and_reports(tmp_path: Path) -> None:
         assert row["deliveries_per_s"] > 0
         assert row["cpu_s_per_100k"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    publish = rows["publish"]
+    assert (publish["lost"], publish["duplicates"]) == (0, 0)
+    assert "deliveries_per_s" not in publish
+    assert 0 < publish["redis_cpu_us_per_publish"] < publish["cpu_us_per_publish"]
     assert rows["idle"]["kb_per_connection"] > 0
     assert rows["burst"]["failures"] == 0
     storm = rows["storm"]

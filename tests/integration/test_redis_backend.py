@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from service.broker.redis_backend import RedisBackend
-from tests.helpers import RedisServer, async_wait_for, unique
+from tests.helpers import UNIT, RedisServer, async_wait_for, unique
 
 
 @pytest.fixture
@@ -94,6 +95,7 @@ async def test_messages_read_in_bursts_and_in_pieces_arrive_whole_and_in_order(
         for text in sent:
             pipe.publish(prefix + channel, text)
         pipe.execute()
-    received = [(await backend.next_published()) for _ in sent]
+    async with asyncio.timeout(10 * UNIT):
+        received = [(await backend.next_published()) for _ in sent]
     assert [event.channel for event in received] == [channel] * len(sent)
     assert [event.message for event in received] == sent

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
+import time
 
 import pytest
 from redis.asyncio.connection import Connection
@@ -15,7 +17,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.broker import Broker
-from service.broker.redis_pipe import ScriptPipe
+from service.broker.redis_pipe import PipeClosed, ScriptPipe
 from service.settings import Settings
 from tests.helpers import UNIT, RedisProxy, RedisServer, async_wait_for, unique
 
@@ -27,7 +29,13 @@ _COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1]}"
 def counting_pipe(server: RedisServer, timeout: float = 5.0) -> ScriptPipe:
     return ScriptPipe(
         _COUNT,
-        lambda: Connection(port=server.port, protocol=2, client_name="pipe-test"),
+        lambda: Connection(
+            port=server.port,
+            protocol=2,
+            client_name="pipe-test",
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        ),
         timeout=timeout,
         retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
     )
@@ -53,10 +61,12 @@ async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
     key = unique("flushed")
     pipe = counting_pipe(redis_server)
     try:
+        sha = hashlib.sha1(_COUNT.encode()).hexdigest()
         assert await pipe(keys=[key], args=["a"]) == [1, b"a"]
+        assert redis_server.client().script_exists(sha) == [True]
         redis_server.client().script_flush()
+        assert redis_server.client().script_exists(sha) == [False]
         assert await pipe(keys=[key], args=["b"]) == [2, b"b"]
-        [sha] = {redis_server.client().script_load(_COUNT)}
         assert redis_server.client().script_exists(sha) == [True]
     finally:
         await pipe.close()
@@ -121,6 +131,53 @@ async def test_a_frozen_redis_times_out_and_the_next_call_reconnects(
         await pipe.close()
 
 
+async def test_callers_waiting_for_a_frozen_redis_give_up_together(
+    own_redis: RedisServer,
+) -> None:
+    # They share one connection attempt: twelve callers fail after one timeout, not
+    # one after another (twelve timeouts).
+    timeout = 0.5 * UNIT
+    pipe = counting_pipe(own_redis, timeout=timeout)
+    assert own_redis.process is not None
+    os.kill(own_redis.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(pipe(keys=[unique("k")], args=[n]) for n in range(12)), return_exceptions=True
+        )
+        took = time.monotonic() - started
+    finally:
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+    assert all(isinstance(r, RedisTimeoutError) for r in results), results
+    assert took < 3 * timeout, took
+    await pipe.close()
+
+
+async def test_a_closed_pipe_fails_its_calls_and_never_reconnects(
+    own_redis: RedisServer,
+) -> None:
+    key = unique("closed")
+    pipe = counting_pipe(own_redis)
+    await pipe(keys=[key], args=["connect"])
+    assert own_redis.process is not None
+    os.kill(own_redis.process.pid, signal.SIGSTOP)
+    try:
+        in_flight = asyncio.create_task(pipe(keys=[key], args=["in flight"]))
+        await asyncio.sleep(0)  # written, not answered
+        await pipe.close()
+        with pytest.raises(PipeClosed):
+            await in_flight
+        with pytest.raises(PipeClosed):
+            await pipe(keys=[key], args=["after close"])
+    finally:
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+
+    async def gone() -> bool:
+        return not await asyncio.to_thread(own_redis.clients_named, "pipe-test")
+
+    await async_wait_for(gone, what="the pipe's connection closed")
+
+
 async def test_calls_in_flight_when_the_connection_breaks_are_retried(
     redis_server: RedisServer,
 ) -> None:
@@ -169,6 +226,10 @@ async def test_the_worker_publishes_through_its_own_named_connection(
         ids = await asyncio.gather(*(broker.publish("news", b"%d" % n) for n in range(50)))
         assert [int(i.split(":")[1]) for i in ids] == list(range(2, 52))
         assert len(redis_server.publish_clients(prefix + "w9")) == 1
+        # Each publish's token outlives every retry of it (two BROKER_TIMEOUTs and more).
+        tokens = redis_server.client().keys(f"{prefix}pub:*")
+        assert len(tokens) == 51
+        assert all(redis_server.client().ttl(t) > 2 * settings.broker_timeout for t in tokens)
 
     async def closed() -> bool:
         return not await asyncio.to_thread(redis_server.publish_clients, prefix + "w9")
