@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.broker.canary import Canary
-from service.broker.redis_pipe import ScriptPipe, reply_error, streams
+from service.broker.redis_pipe import READ_SIZE, ScriptPipe, reply_error, streams
 from service.errors import BrokerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ SUBSCRIPTION_INTERRUPTED = "\x00interrupted"
 # Log the first non-UTF-8 payload, then one in this many.
 _DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
-# Bytes asked of the pub/sub socket per read: several messages when they come in bursts.
-_READ_SIZE = 1 << 16
 
 
 def check_redis_url(url: str) -> None:
@@ -379,7 +377,7 @@ class RedisBackend(BroadcastBackend):
         while True:
             try:
                 async with asyncio.timeout(self._ping_interval):
-                    data = await reader.read(_READ_SIZE)
+                    data = await reader.read(READ_SIZE)
             except TimeoutError:
                 silent = loop.time() - last_heard
                 if silent >= self._ping_interval + self._ping_timeout:

@@ -38,8 +38,9 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-# Bytes asked of the socket per read; replies to publishes are a few dozen bytes each.
-_READ_SIZE = 1 << 16
+#: Bytes asked of a Redis socket per read (here and by the pub/sub reader): whatever
+#: has arrived, several replies or messages at once when they come in bursts.
+READ_SIZE = 1 << 16
 
 
 class PipeClosed(RedisError):
@@ -127,7 +128,7 @@ class _Link:
     async def _read(self) -> None:
         reader, parser, waiting = self._reader, self._parser, self._waiting
         try:
-            while data := await reader.read(_READ_SIZE):
+            while data := await reader.read(READ_SIZE):
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
                     _, future = waiting.popleft()

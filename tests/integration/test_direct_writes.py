@@ -24,13 +24,8 @@ from tests.helpers import (
 
 def frames_written(worker: Worker) -> tuple[float, float]:
     """(direct, queued) from the worker's metrics."""
-    text = httpx.get(worker.http + "/metrics", timeout=5).text
-    values = {"direct": 0.0, "queued": 0.0}
-    for line in text.splitlines():
-        if line.startswith("broadcast_frames_written_total{"):
-            path = line.split('path="', 1)[1].split('"', 1)[0]
-            values[path] = float(line.rsplit(" ", 1)[1])
-    return values["direct"], values["queued"]
+    name = "broadcast_frames_written_total"
+    return worker.metric(name + '{path="direct"}'), worker.metric(name + '{path="queued"}')
 
 
 async def publish(worker: Worker, channel: str, count: int, size: int = 0) -> list[str]:

@@ -26,11 +26,12 @@ from tests.helpers import UNIT, RedisProxy, RedisServer, async_wait_for, unique
 _COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1]}"
 
 
-def counting_pipe(server: RedisServer, timeout: float = 5.0) -> ScriptPipe:
+def counting_pipe(port: int, timeout: float = 5.0) -> ScriptPipe:
+    """A pipe running `_COUNT` against the Redis (or proxy) on `port`."""
     return ScriptPipe(
         _COUNT,
         lambda: Connection(
-            port=server.port,
+            port=port,
             protocol=2,
             client_name="pipe-test",
             socket_timeout=timeout,
@@ -45,7 +46,7 @@ async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply
     redis_server: RedisServer,
 ) -> None:
     key = unique("count")
-    pipe = counting_pipe(redis_server)
+    pipe = counting_pipe(redis_server.port)
     try:
         replies = await asyncio.gather(*(pipe(keys=[key], args=[n]) for n in range(500)))
         assert [arg for _, arg in replies] == [str(n).encode() for n in range(500)]
@@ -59,7 +60,7 @@ async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
     redis_server: RedisServer,
 ) -> None:
     key = unique("flushed")
-    pipe = counting_pipe(redis_server)
+    pipe = counting_pipe(redis_server.port)
     try:
         sha = hashlib.sha1(_COUNT.encode()).hexdigest()
         assert await pipe(keys=[key], args=["a"]) == [1, b"a"]
@@ -75,7 +76,7 @@ async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
 async def test_an_error_reply_fails_only_its_own_call(redis_server: RedisServer) -> None:
     key = unique("wrongtype")
     redis_server.client().set(key, "not a counter")
-    pipe = counting_pipe(redis_server)
+    pipe = counting_pipe(redis_server.port)
     good = unique("good")
     try:
         results = await asyncio.gather(
@@ -95,7 +96,7 @@ async def test_an_error_reply_fails_only_its_own_call(redis_server: RedisServer)
 async def test_a_cancelled_call_leaves_its_reply_to_nobody(redis_server: RedisServer) -> None:
     # Its reply still arrives, in its turn: it must not be handed to the next caller.
     key = unique("cancelled")
-    pipe = counting_pipe(redis_server)
+    pipe = counting_pipe(redis_server.port)
     try:
         await pipe(keys=[key], args=["connect"])
         cancelled = asyncio.create_task(pipe(keys=[key], args=["cancelled"]))
@@ -112,7 +113,7 @@ async def test_a_frozen_redis_times_out_and_the_next_call_reconnects(
     own_redis: RedisServer,
 ) -> None:
     key = unique("frozen")
-    pipe = counting_pipe(own_redis, timeout=0.5 * UNIT)
+    pipe = counting_pipe(own_redis.port, timeout=0.5 * UNIT)
     assert own_redis.process is not None
     try:
         await pipe(keys=[key], args=["warm"])
@@ -137,7 +138,7 @@ async def test_callers_waiting_for_a_frozen_redis_give_up_together(
     # They share one connection attempt: twelve callers fail after one timeout, not
     # one after another (twelve timeouts).
     timeout = 0.5 * UNIT
-    pipe = counting_pipe(own_redis, timeout=timeout)
+    pipe = counting_pipe(own_redis.port, timeout=timeout)
     assert own_redis.process is not None
     os.kill(own_redis.process.pid, signal.SIGSTOP)
     try:
@@ -157,7 +158,7 @@ async def test_a_closed_pipe_fails_its_calls_and_never_reconnects(
     own_redis: RedisServer,
 ) -> None:
     key = unique("closed")
-    pipe = counting_pipe(own_redis)
+    pipe = counting_pipe(own_redis.port)
     await pipe(keys=[key], args=["connect"])
     assert own_redis.process is not None
     os.kill(own_redis.process.pid, signal.SIGSTOP)
@@ -183,12 +184,7 @@ async def test_calls_in_flight_when_the_connection_breaks_are_retried(
 ) -> None:
     key = unique("dropped")
     proxy = await RedisProxy(redis_server.port).start()
-    pipe = ScriptPipe(
-        _COUNT,
-        lambda: Connection(port=proxy.port, protocol=2),
-        timeout=5,
-        retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
-    )
+    pipe = counting_pipe(proxy.port)
     try:
         await pipe(keys=[key], args=["connect"])
         proxy.arm(b"lost-reply")
