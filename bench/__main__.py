@@ -18,6 +18,8 @@ from bench import report, scenarios
 # Settings every benchmark worker gets: the generator's publishers send far more than
 # the per-connection default of 20 a second that protects a public service.
 BENCH_SETTINGS = {"PUBLISH_RATE": "1000000", "PUBLISH_BURST": "1000000"}
+# Scenarios bench/floor.py cannot serve: resuming needs history reads.
+FLOOR_CANNOT = {"storm"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join(names),
+        default=None,
         help=f"comma-separated, from: {', '.join(names)} (default: all)",
     )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
@@ -54,12 +56,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "runs websockets-sansio, uvloop and httptools)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="run bench/floor.py's framework-free workers instead of the service, to "
+        "measure what the topology itself costs on this machine (not the storm scenario)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default bench/results/<time>)"
     )
     args = parser.parse_args(argv)
+    if args.floor and args.uvicorn:
+        parser.error("--floor runs no uvicorn: leave out --uvicorn")
+    if args.scenarios is None:
+        args.scenarios = ",".join(n for n in names if not (args.floor and n in FLOOR_CANNOT))
     unknown = set(args.scenarios.split(",")) - set(names)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    unable = set(args.scenarios.split(",")) & FLOOR_CANNOT if args.floor else set()
+    if unable:
+        parser.error(f"the floor cannot run {', '.join(sorted(unable))}: it has no resume")
     for item in [*args.set, *args.uvicorn]:
         if "=" not in item:
             parser.error(f"--set and --uvicorn take NAME=VALUE, not {item!r}")
@@ -90,13 +105,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         started = time.monotonic()
         measurement = scenarios.run(
-            scenario, args.workers, settings, out / scenario.name, uvicorn_overrides
+            scenario,
+            args.workers,
+            settings,
+            out / scenario.name,
+            uvicorn_overrides,
+            floor=args.floor,
         )
         measurements.append(measurement)
         print(f"      done in {time.monotonic() - started:.0f} s", flush=True)
     print()
+    if args.floor:
+        print("THE FLOOR (bench/floor.py), not the service: what the topology itself costs")
     print(report.table(measurements))
-    document_settings = {"workers": args.workers, **settings, "uvicorn": uvicorn_overrides}
+    document_settings = {
+        "workers": args.workers,
+        **settings,
+        "uvicorn": uvicorn_overrides,
+        "floor": args.floor,
+    }
     report.write_json(measurements, out / "results.json", document_settings)
     report.plot(measurements, out / "plot.png")
     print(f"\nresults: {out / 'results.json'}\nplot:    {out / 'plot.png'}")

@@ -174,9 +174,14 @@ def run(
     worker_env: dict[str, str],
     workdir: Path,
     uvicorn_overrides: dict[str, str] | None = None,
+    *,
+    floor: bool = False,
 ) -> Measurement:
-    """Start fresh servers, drive them through `scenario`, stop them; the measurement."""
-    with Servers(workdir, workers, worker_env, uvicorn_overrides) as servers:
+    """Start fresh servers, drive them through `scenario`, stop them; the measurement.
+
+    With `floor`, the workers are bench/floor.py's, not the service's.
+    """
+    with Servers(workdir, workers, worker_env, uvicorn_overrides, floor=floor) as servers:
         measurement = Measurement(scenario, workers, {})
         marks: dict[str, tuple[float, float, float]] = {}
 

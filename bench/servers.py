@@ -88,7 +88,10 @@ class Process:
 
 
 class Servers:
-    """redis-server plus `workers` worker processes, started with `worker_env`."""
+    """redis-server plus `workers` worker processes, started with `worker_env`.
+
+    With `floor`, the workers are bench/floor.py's instead of the service's.
+    """
 
     def __init__(
         self,
@@ -96,11 +99,14 @@ class Servers:
         workers: int,
         worker_env: dict[str, str],
         uvicorn_overrides: dict[str, str] | None = None,
+        *,
+        floor: bool = False,
     ) -> None:
         self.workdir = workdir
         self.worker_count = workers
         self.worker_env = worker_env
         self.uvicorn_overrides = uvicorn_overrides or {}
+        self.floor = floor
         self.redis: Process | None = None
         self.workers: list[Process] = []
         self.ports: list[int] = []
@@ -181,17 +187,20 @@ class Servers:
         env = {key: value for key, value in os.environ.items() if key not in settings}
         env.update(self.worker_env)
         env["BROADCAST_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.floor or self.uvicorn_overrides:
+            # bench.* is found from the repository, wherever the worker runs.
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
+            )
         for n in range(self.worker_count):
             port = free_port()
             self.ports.append(port)
             flags = ["--port", str(port), "--worker-id", f"w{n}"]
-            if self.uvicorn_overrides:
+            if self.floor:
+                command = [sys.executable, "-m", "bench.floor", *flags]
+            elif self.uvicorn_overrides:
                 overrides = json.dumps(self.uvicorn_overrides)
                 command = [sys.executable, "-m", "bench.worker", overrides, *flags]
-                # bench.worker is found from the repository, wherever the worker runs.
-                env["PYTHONPATH"] = os.pathsep.join(
-                    filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
-                )
             else:
                 command = [sys.executable, "-m", "service", *flags]
             self.workers.append(self._start(f"worker-{n}", command, env))

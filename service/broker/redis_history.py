@@ -28,13 +28,14 @@ from service.broker.redis_pipe import ScriptPipe
 from service.errors import BrokerUnavailable
 from service.protocol.frames import message_parts
 
-# KEYS: meta hash, stream, this publish's token.
+# The publish script (bench/floor.py runs it too). KEYS: meta hash, stream, this
+# publish's token.
 # ARGV: frame head, frame tail, pub/sub channel, candidate epoch, history size,
 #       history TTL, meta TTL, token TTL.
 # The token makes a retried call (the connection broke after Redis ran the script but
 # before its reply arrived) return the first call's id instead of publishing twice.
 # A new epoch means the old history is meaningless (and its entry ids could collide).
-_PUBLISH = """
+PUBLISH_SCRIPT = """
 local done = redis.call('GET', KEYS[3])
 if done then return done end
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[4]) == 1 then redis.call('DEL', KEYS[2]) end
@@ -105,7 +106,7 @@ class RedisHistory:
         # Must outlive every retry of one call (see `publish_token_ttl`).
         self._token_ttl = token_ttl
         # The hot path: a connection of its own, pipelined (service/broker/redis_pipe.py).
-        self._publish = pipe(_PUBLISH)
+        self._publish = pipe(PUBLISH_SCRIPT)
         self._read = client.register_script(_READ)
 
     async def publish(self, channel: str, data: bytes) -> str:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.__main__ import parse_args
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +78,33 @@ def test_the_benchmark_compares_uvicorn_options(tmp_path: Path) -> None:
     # wsproto has no direct writes: every frame went through ASGI, and nothing broke.
     for log in (out / "fanout-50k").glob("worker-*.log"):
         assert "Traceback" not in log.read_text()
+
+
+def test_the_floor_runs_in_place_of_the_service(tmp_path: Path) -> None:
+    """`--floor` measures bench/floor.py's workers, and says so, on every scenario it can."""
+    out = tmp_path / "bench"
+    result = run_bench("--floor", "--out", str(out))
+    assert "THE FLOOR" in result.stdout
+    document = json.loads((out / "results.json").read_text())
+    assert document["settings"]["floor"] is True
+    rows = {s["summary"]["scenario"]: s["summary"] for s in document["scenarios"]}
+    assert set(rows) == {"fanout-50k", "fanout-max", "channels", "publish", "idle", "burst"}
+    for name in ("fanout-50k", "fanout-max", "channels", "publish"):
+        assert (rows[name]["lost"], rows[name]["duplicates"]) == (0, 0)
+    assert rows["channels"]["deliveries_per_s"] > 0
+    assert rows["burst"]["failures"] == 0
+    logs = [log.read_text() for log in (out / "channels").glob("worker-*.log")]
+    assert len(logs) == 2
+    for log in logs:
+        assert "floor worker" in log
+        assert "Uvicorn" not in log
+        assert "Traceback" not in log
+
+
+def test_the_floor_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--floor", "--scenarios", "storm"])
+    with pytest.raises(SystemExit):
+        parse_args(["--floor", "--uvicorn", "ws=wsproto"])
+    assert "storm" not in parse_args(["--floor"]).scenarios.split(",")
+    assert "storm" in parse_args([]).scenarios.split(",")
