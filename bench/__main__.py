@@ -33,7 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default=None,
-        help=f"comma-separated, from: {', '.join(names)} (default: all)",
+        help=f"comma-separated, from: {', '.join(names)} (default: all; with --floor, "
+        "all but storm)",
     )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument(
@@ -67,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.floor and args.uvicorn:
         parser.error("--floor runs no uvicorn: leave out --uvicorn")
+    if args.floor and any(i.split("=", 1)[0].upper() == "WS_PER_MESSAGE_DEFLATE" for i in args.set):
+        parser.error("--floor never compresses: leave out WS_PER_MESSAGE_DEFLATE")
     if args.scenarios is None:
         args.scenarios = ",".join(n for n in names if not (args.floor and n in FLOOR_CANNOT))
     unknown = set(args.scenarios.split(",")) - set(names)

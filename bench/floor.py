@@ -10,8 +10,10 @@ local subscribers, the frame built once. Everything else is left out: no ASGI, n
 task or queue per connection, no checks, limits or metrics, no reconnects; each step
 is a callback of the event loop (uvloop), and hiredis parses Redis's replies.
 
-Not a server to use: no authentication, no flow control, no history reads (so not the
-`storm` scenario), and it trusts its clients (one unfragmented frame per message).
+Not a server to use: no authentication, no flow control, no compression, no history
+reads (so not the `storm` scenario), and it trusts its clients (one unfragmented frame
+per message). Of the settings it takes the port, worker id, Redis prefix, history and
+timeout ones; of `BROADCAST_URL` only the host and port (the benchmark's own Redis).
 
     python -m bench.floor --port 8001 --worker-id w0   (BROADCAST_URL: the Redis)
 """
@@ -36,6 +38,7 @@ from service.__main__ import parse_settings
 from service.broker.history import new_epoch
 from service.broker.redis_history import PUBLISH_SCRIPT, publish_token_ttl
 from service.protocol import frames
+from service.protocol.codes import ErrorCode
 from service.settings import Settings
 from service.wire import text_frame
 
@@ -96,7 +99,7 @@ class Channel:
     __slots__ = ("members", "waiting")
 
     def __init__(self) -> None:
-        self.members: list[asyncio.Transport] = []
+        self.members: set[asyncio.Transport] = set()
         self.waiting: list[Callable[[], None]] | None = []  # None: subscribed in Redis
 
 
@@ -129,7 +132,10 @@ class Floor:
         if channel is not None:
             data = text_frame(payload.decode())
             for transport in channel.members:
-                transport.write(data)
+                # A transport leaves `members` only when its connection is lost, after
+                # it started closing: writing to it then would raise.
+                if not transport.is_closing():
+                    transport.write(data)
 
     def subscribe(self, name: str, transport: asyncio.Transport, done: Callable[[], None]) -> None:
         """Add a member; `done` runs once Redis delivers the channel's messages here."""
@@ -145,7 +151,7 @@ class Floor:
                     callback()
 
             self._pubsub.call(subscribed, "SUBSCRIBE", key)
-        channel.members.append(transport)
+        channel.members.add(transport)
         if channel.waiting is None:
             done()
         else:
@@ -154,8 +160,7 @@ class Floor:
     def leave(self, transport: asyncio.Transport) -> None:
         """Remove a member from every channel (channels stay subscribed)."""
         for channel in self._channels.values():
-            if transport in channel.members:
-                channel.members.remove(transport)
+            channel.members.discard(transport)
 
     def publish(self, name: str, data: bytes, done: Reply) -> None:
         """Run the service's publish script; `done` gets the message id or an error."""
@@ -251,19 +256,24 @@ class Client(asyncio.Protocol):
         kind, channel, ref = command.get("type"), command.get("channel"), command.get("ref")
         if not isinstance(channel, str):
             return
+        # Replies run from Redis's callbacks, maybe after the client left: writing to a
+        # closed transport raises, and would take the Redis connection down with it.
         if kind == "subscribe":
 
             def subscribed() -> None:
-                transport.write(text_frame(frames.subscribed(channel, ref)))
+                if not transport.is_closing():
+                    transport.write(text_frame(frames.subscribed(channel, ref)))
 
             self._floor.subscribe(channel, transport, subscribed)
         elif kind == "publish":
 
             def published(message_id: Any) -> None:
                 if isinstance(message_id, Exception):
-                    print(f"publish failed: {message_id}", file=sys.stderr, flush=True)
+                    # As the service answers: the generator counts it as refused.
+                    reply = frames.error(ErrorCode.UNAVAILABLE, f"not published: {message_id}", ref)
                 else:
                     reply = frames.published(channel, message_id.decode(), ref)
+                if not transport.is_closing():
                     transport.write(text_frame(reply))
 
             self._floor.publish(channel, orjson.dumps(command.get("data")), published)
@@ -278,7 +288,10 @@ async def serve(settings: Settings) -> None:
     _, pubsub = await loop.create_connection(RedisConnection, host, port)
     floor = Floor(settings, pipe, pubsub)
     await floor.load()
-    server = await loop.create_server(lambda: Client(floor), settings.host, settings.port)
+    # uvicorn's backlog, so that `burst` meets the same accept queue.
+    server = await loop.create_server(
+        lambda: Client(floor), settings.host, settings.port, backlog=2048
+    )
     print(f"floor worker {settings.worker_id} on {settings.host}:{settings.port}", flush=True)
     async with server:
         await asyncio.wait([pipe.lost, pubsub.lost], return_when=asyncio.FIRST_COMPLETED)

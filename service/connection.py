@@ -34,29 +34,6 @@ logger = logging.getLogger(__name__)
 class Connection:
     """Transport half of a session: outbox, writer, read loop and closing."""
 
-    # Slots, not a dict: the fan-out reads a few of these per delivery, and an idle
-    # connection's every byte counts (docs/performance.md).
-    __slots__ = (
-        "_client_gone",
-        "_close_timeout",
-        "_closing",
-        "_direct",
-        "_extra_chars",
-        "_extra_messages",
-        "_max_chars",
-        "_max_messages",
-        "_metrics",
-        "_outbox",
-        "_outbox_chars",
-        "_reader",
-        "_send",
-        "_sending",
-        "_stop",
-        "_stop_cancelled",
-        "_writer",
-        "_ws",
-    )
-
     def __init__(
         self,
         websocket: WebSocket,

@@ -40,8 +40,6 @@ _REFRESH_BURST = 10
 class _ChannelSession(Connection):
     """A connection that is a member of hub channels and publishes through the broker."""
 
-    __slots__ = ("_channels", "_expiry", "_left", "_principal", "_publishes", "_refreshes", "_rt")
-
     def __init__(self, websocket: WebSocket, runtime: Runtime, principal: Principal) -> None:
         settings = runtime.settings
         super().__init__(
@@ -167,8 +165,6 @@ class _ChannelSession(Connection):
 class Session(_ChannelSession):
     """`/ws`: a client speaking protocol v1 (subscribe, unsubscribe, publish, ping)."""
 
-    __slots__ = ()
-
     async def handle_text(self, text: str) -> None:
         """Parse and execute one command; every failure becomes an `error` frame."""
         try:
@@ -256,8 +252,6 @@ class Session(_ChannelSession):
 
 class SimpleSession(_ChannelSession):
     """`/ws/{channel}`: subscribed at once; each text frame is published as string data."""
-
-    __slots__ = ("_channel",)
 
     def __init__(
         self, websocket: WebSocket, runtime: Runtime, principal: Principal, channel: str

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import parse_args
-
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,12 +97,3 @@ def test_the_floor_runs_in_place_of_the_service(tmp_path: Path) -> None:
         assert "floor worker" in log
         assert "Uvicorn" not in log
         assert "Traceback" not in log
-
-
-def test_the_floor_refuses_what_it_cannot_run() -> None:
-    with pytest.raises(SystemExit):
-        parse_args(["--floor", "--scenarios", "storm"])
-    with pytest.raises(SystemExit):
-        parse_args(["--floor", "--uvicorn", "ws=wsproto"])
-    assert "storm" not in parse_args(["--floor"]).scenarios.split(",")
-    assert "storm" in parse_args([]).scenarios.split(",")
