@@ -7,6 +7,8 @@ import hashlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from redis.asyncio.connection import Connection
@@ -26,9 +28,10 @@ from tests.helpers import UNIT, RedisProxy, RedisServer, async_wait_for, unique
 _COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1]}"
 
 
-def counting_pipe(port: int, timeout: float = 5.0) -> ScriptPipe:
-    """A pipe running `_COUNT` against the Redis (or proxy) on `port`."""
-    return ScriptPipe(
+@asynccontextmanager
+async def counting_pipe(port: int, timeout: float = 5.0) -> AsyncIterator[ScriptPipe]:
+    """A pipe running `_COUNT` against the Redis (or proxy) on `port`, closed on exit."""
+    pipe = ScriptPipe(
         _COUNT,
         lambda: Connection(
             port=port,
@@ -40,28 +43,28 @@ def counting_pipe(port: int, timeout: float = 5.0) -> ScriptPipe:
         timeout=timeout,
         retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
     )
+    try:
+        yield pipe
+    finally:
+        await pipe.close()
 
 
 async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply(
     redis_server: RedisServer,
 ) -> None:
     key = unique("count")
-    pipe = counting_pipe(redis_server.port)
-    try:
+    async with counting_pipe(redis_server.port) as pipe:
         replies = await asyncio.gather(*(pipe(keys=[key], args=[n]) for n in range(500)))
         assert [arg for _, arg in replies] == [str(n).encode() for n in range(500)]
         assert sorted(count for count, _ in replies) == list(range(1, 501))
         assert len(redis_server.clients_named("pipe-test")) == 1
-    finally:
-        await pipe.close()
 
 
 async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
     redis_server: RedisServer,
 ) -> None:
     key = unique("flushed")
-    pipe = counting_pipe(redis_server.port)
-    try:
+    async with counting_pipe(redis_server.port) as pipe:
         sha = hashlib.sha1(_COUNT.encode()).hexdigest()
         assert await pipe(keys=[key], args=["a"]) == [1, b"a"]
         assert redis_server.client().script_exists(sha) == [True]
@@ -69,16 +72,13 @@ async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
         assert redis_server.client().script_exists(sha) == [False]
         assert await pipe(keys=[key], args=["b"]) == [2, b"b"]
         assert redis_server.client().script_exists(sha) == [True]
-    finally:
-        await pipe.close()
 
 
 async def test_an_error_reply_fails_only_its_own_call(redis_server: RedisServer) -> None:
     key = unique("wrongtype")
     redis_server.client().set(key, "not a counter")
-    pipe = counting_pipe(redis_server.port)
     good = unique("good")
-    try:
+    async with counting_pipe(redis_server.port) as pipe:
         results = await asyncio.gather(
             pipe(keys=[good], args=["before"]),
             pipe(keys=[key], args=["bad"]),
@@ -89,15 +89,12 @@ async def test_an_error_reply_fails_only_its_own_call(redis_server: RedisServer)
         assert isinstance(results[1], ResponseError)
         assert "not an integer" in str(results[1])
         assert results[2] == [2, b"after"]
-    finally:
-        await pipe.close()
 
 
 async def test_a_cancelled_call_leaves_its_reply_to_nobody(redis_server: RedisServer) -> None:
     # Its reply still arrives, in its turn: it must not be handed to the next caller.
     key = unique("cancelled")
-    pipe = counting_pipe(redis_server.port)
-    try:
+    async with counting_pipe(redis_server.port) as pipe:
         await pipe(keys=[key], args=["connect"])
         cancelled = asyncio.create_task(pipe(keys=[key], args=["cancelled"]))
         await asyncio.sleep(0)  # written, not yet answered
@@ -105,17 +102,14 @@ async def test_a_cancelled_call_leaves_its_reply_to_nobody(redis_server: RedisSe
         assert await pipe(keys=[key], args=["next"]) == [3, b"next"]
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-    finally:
-        await pipe.close()
 
 
 async def test_a_frozen_redis_times_out_and_the_next_call_reconnects(
     own_redis: RedisServer,
 ) -> None:
     key = unique("frozen")
-    pipe = counting_pipe(own_redis.port, timeout=0.5 * UNIT)
     assert own_redis.process is not None
-    try:
+    async with counting_pipe(own_redis.port, timeout=0.5 * UNIT) as pipe:
         await pipe(keys=[key], args=["warm"])
         [before] = own_redis.clients_named("pipe-test")
         os.kill(own_redis.process.pid, signal.SIGSTOP)
@@ -128,8 +122,6 @@ async def test_a_frozen_redis_times_out_and_the_next_call_reconnects(
         reply = await pipe(keys=[key], args=["thawed"])
         assert reply[1] == b"thawed"
         assert [c["id"] for c in own_redis.clients_named("pipe-test")] != [before["id"]]
-    finally:
-        await pipe.close()
 
 
 async def test_callers_waiting_for_a_frozen_redis_give_up_together(
@@ -138,40 +130,39 @@ async def test_callers_waiting_for_a_frozen_redis_give_up_together(
     # They share one connection attempt: twelve callers fail after one timeout, not
     # one after another (twelve timeouts).
     timeout = 0.5 * UNIT
-    pipe = counting_pipe(own_redis.port, timeout=timeout)
     assert own_redis.process is not None
-    os.kill(own_redis.process.pid, signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        results = await asyncio.gather(
-            *(pipe(keys=[unique("k")], args=[n]) for n in range(12)), return_exceptions=True
-        )
-        took = time.monotonic() - started
-    finally:
-        os.kill(own_redis.process.pid, signal.SIGCONT)
+    async with counting_pipe(own_redis.port, timeout=timeout) as pipe:
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(pipe(keys=[unique("k")], args=[n]) for n in range(12)), return_exceptions=True
+            )
+            took = time.monotonic() - started
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
     assert all(isinstance(r, RedisTimeoutError) for r in results), results
     assert took < 3 * timeout, took
-    await pipe.close()
 
 
 async def test_a_closed_pipe_fails_its_calls_and_never_reconnects(
     own_redis: RedisServer,
 ) -> None:
     key = unique("closed")
-    pipe = counting_pipe(own_redis.port)
-    await pipe(keys=[key], args=["connect"])
     assert own_redis.process is not None
-    os.kill(own_redis.process.pid, signal.SIGSTOP)
-    try:
-        in_flight = asyncio.create_task(pipe(keys=[key], args=["in flight"]))
-        await asyncio.sleep(0)  # written, not answered
-        await pipe.close()
-        with pytest.raises(PipeClosed):
-            await in_flight
-        with pytest.raises(PipeClosed):
-            await pipe(keys=[key], args=["after close"])
-    finally:
-        os.kill(own_redis.process.pid, signal.SIGCONT)
+    async with counting_pipe(own_redis.port) as pipe:
+        await pipe(keys=[key], args=["connect"])
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        try:
+            in_flight = asyncio.create_task(pipe(keys=[key], args=["in flight"]))
+            await asyncio.sleep(0)  # written, not answered
+            await pipe.close()
+            with pytest.raises(PipeClosed):
+                await in_flight
+            with pytest.raises(PipeClosed):
+                await pipe(keys=[key], args=["after close"])
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
 
     async def gone() -> bool:
         return not await asyncio.to_thread(own_redis.clients_named, "pipe-test")
@@ -184,28 +175,27 @@ async def test_calls_in_flight_when_the_connection_breaks_are_retried(
 ) -> None:
     key = unique("dropped")
     proxy = await RedisProxy(redis_server.port).start()
-    pipe = counting_pipe(proxy.port)
     try:
-        await pipe(keys=[key], args=["connect"])
-        proxy.arm(b"lost-reply")
-        calls = [
-            asyncio.create_task(pipe(keys=[key], args=["lost-reply"])),
-            asyncio.create_task(pipe(keys=[key], args=["behind it"])),
-        ]
+        async with counting_pipe(proxy.port) as pipe:
+            await pipe(keys=[key], args=["connect"])
+            proxy.arm(b"lost-reply")
+            calls = [
+                asyncio.create_task(pipe(keys=[key], args=["lost-reply"])),
+                asyncio.create_task(pipe(keys=[key], args=["behind it"])),
+            ]
 
-        # Redis ran both; their replies are swallowed until the connection is cut.
-        async def both_ran() -> bool:
-            return await asyncio.to_thread(redis_server.client().get, key) == b"3"
+            # Redis ran both; their replies are swallowed until the connection is cut.
+            async def both_ran() -> bool:
+                return await asyncio.to_thread(redis_server.client().get, key) == b"3"
 
-        await async_wait_for(both_ran, what="Redis ran both")
-        proxy.cut()
-        # Each is run again on a new connection (this script, unlike the publish
-        # script, is not idempotent: the count shows the second run).
-        replies = await asyncio.gather(*calls)
-        assert [arg for _, arg in replies] == [b"lost-reply", b"behind it"]
-        assert sorted(count for count, _ in replies) == [4, 5]
+            await async_wait_for(both_ran, what="Redis ran both")
+            proxy.cut()
+            # Each is run again on a new connection (this script, unlike the publish
+            # script, is not idempotent: the count shows the second run).
+            replies = await asyncio.gather(*calls)
+            assert [arg for _, arg in replies] == [b"lost-reply", b"behind it"]
+            assert sorted(count for count, _ in replies) == [4, 5]
     finally:
-        await pipe.close()
         await proxy.close()
 
 
