@@ -21,7 +21,6 @@ timeout ones; of `BROADCAST_URL` only the host and port (the benchmark's own Red
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -31,12 +30,12 @@ from urllib.parse import urlsplit
 import hiredis
 import orjson
 import uvloop
+from redis.typing import EncodableT
 from websockets.speedups import apply_mask
 from websockets.utils import accept_key
 
 from service.__main__ import parse_settings
-from service.broker.history import new_epoch
-from service.broker.redis_history import PUBLISH_SCRIPT, publish_token_ttl
+from service.broker.redis_history import PUBLISH_SCRIPT, publish_call, publish_token_ttl
 from service.protocol import frames
 from service.protocol.codes import ErrorCode
 from service.settings import Settings
@@ -85,7 +84,7 @@ class RedisConnection(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
 
-    def call(self, reply: Reply, *args: str | bytes | int) -> None:
+    def call(self, reply: Reply, *args: EncodableT) -> None:
         """Send one command; `reply` gets its reply (an exception for an error reply)."""
         assert self._transport is not None
         self._replies.append(reply)
@@ -164,17 +163,18 @@ class Floor:
 
     def publish(self, name: str, data: bytes, done: Reply) -> None:
         """Run the service's publish script; `done` gets the message id or an error."""
-        head, tail = frames.message_parts(name, data)
-        prefix, settings = self._prefix, self.settings
-        self._pipe.call(
-            done,
-            *("EVALSHA", self._sha, 3),
-            *(f"{prefix}meta:{{{name}}}", f"{prefix}history:{{{name}}}"),
-            f"{prefix}pub:{{{name}}}:{os.urandom(12).hex()}",
-            *(head, tail, (prefix + name).encode(), new_epoch()),
-            *(settings.history_size, settings.history_ttl, settings.history_meta_ttl),
-            self._token_ttl,
+        settings = self.settings
+        keys, args = publish_call(
+            name,
+            data,
+            prefix=self._prefix,
+            pubsub_key=(self._prefix + name).encode(),
+            size=settings.history_size,
+            ttl=settings.history_ttl,
+            meta_ttl=settings.history_meta_ttl,
+            token_ttl=self._token_ttl,
         )
+        self._pipe.call(done, "EVALSHA", self._sha, len(keys), *keys, *args)
 
 
 class Client(asyncio.Protocol):

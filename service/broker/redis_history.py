@@ -111,14 +111,18 @@ class RedisHistory:
 
     async def publish(self, channel: str, data: bytes) -> str:
         """Number `data`'s `message` frame, keep it and PUBLISH it; return its id."""
-        head, tail = message_parts(channel, data)
-        meta, stream = self._keys(channel)
-        token = f"{self._prefix}pub:{{{channel}}}:{os.urandom(12).hex()}"
-        key = self._pubsub_key(channel)
-        args: list[EncodableT] = [head, tail, key, new_epoch(), self._size, self._ttl]
-        args += [self._meta_ttl, self._token_ttl]
+        keys, args = publish_call(
+            channel,
+            data,
+            prefix=self._prefix,
+            pubsub_key=self._pubsub_key(channel),
+            size=self._size,
+            ttl=self._ttl,
+            meta_ttl=self._meta_ttl,
+            token_ttl=self._token_ttl,
+        )
         try:
-            message_id = await self._publish(keys=[meta, stream, token], args=args)
+            message_id = await self._publish(keys=keys, args=args)
         except RedisError as exc:
             raise BrokerUnavailable(f"Redis did not accept the message: {exc}") from exc
         return _text(message_id)
@@ -144,13 +148,34 @@ class RedisHistory:
     ) -> tuple[str, int, list[tuple[int, str]]]:
         args: list[EncodableT] = [new_epoch(), self._ttl, mode, since_epoch, first, count]
         try:
-            epoch, top, raw = await self._read(keys=list(self._keys(channel)), args=args)
+            epoch, top, raw = await self._read(keys=list(_keys(self._prefix, channel)), args=args)
         except RedisError as exc:
             raise BrokerUnavailable(f"Redis did not return the history: {exc}") from exc
         return _text(epoch), int(top), [_entry(item) for item in raw]
 
-    def _keys(self, channel: str) -> tuple[str, str]:
-        return f"{self._prefix}meta:{{{channel}}}", f"{self._prefix}history:{{{channel}}}"
+
+def publish_call(
+    channel: str,
+    data: bytes,
+    *,
+    prefix: str,
+    pubsub_key: bytes,
+    size: int,
+    ttl: int,
+    meta_ttl: int,
+    token_ttl: int,
+) -> tuple[list[EncodableT], list[EncodableT]]:
+    """KEYS and ARGV of `PUBLISH_SCRIPT` for one message (bench/floor.py sends them too)."""
+    head, tail = message_parts(channel, data)
+    meta, stream = _keys(prefix, channel)
+    token = f"{prefix}pub:{{{channel}}}:{os.urandom(12).hex()}"
+    args: list[EncodableT] = [head, tail, pubsub_key, new_epoch(), size, ttl, meta_ttl, token_ttl]
+    return [meta, stream, token], args
+
+
+def _keys(prefix: str, channel: str) -> tuple[str, str]:
+    """A channel's meta hash and history stream."""
+    return f"{prefix}meta:{{{channel}}}", f"{prefix}history:{{{channel}}}"
 
 
 def publish_token_ttl(timeout: float) -> int:
