@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from broadcaster import Broadcast
+from broadcaster import Broadcast, Event
 from broadcaster._backends.memory import MemoryBackend
 from broadcaster._base import Subscriber, Unsubscribed
 
@@ -65,6 +65,25 @@ class _MemoryStore:
         return self._history.latest(channel, limit)
 
 
+class _Broadcast(Broadcast):
+    """broadcaster's `Broadcast`, which the Redis reader can hand messages to directly.
+
+    broadcaster passes each message from the backend to a listener task, which puts it
+    into each subscriber's queue: a task step per message. `dispatch` does the same
+    `put` from inside the reader's read. It reads broadcaster's subscriber sets, one
+    of the internals that pin broadcaster to 0.3.1 (pyproject.toml).
+    """
+
+    def dispatch(self, event: Event) -> bool:
+        """Queue `event` for its channel's subscribers; False if there are none (yet)."""
+        queues = self._subscribers.get(event.channel)
+        if not queues:
+            return False
+        for queue in queues:
+            queue.put_nowait(event)  # unbounded (broadcaster's): never raises QueueFull
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     """Whether this worker can publish and receive, and why not."""
@@ -105,7 +124,8 @@ class Broker:
                 meta_ttl=settings.history_meta_ttl,
                 token_ttl=publish_token_ttl(settings.broker_timeout),
             )
-            self._broadcast = Broadcast(backend=self._redis)
+            self._broadcast = _Broadcast(backend=self._redis)
+            self._redis.dispatch = self._broadcast.dispatch
 
     @property
     def redis(self) -> RedisBackend | None:

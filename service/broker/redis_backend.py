@@ -24,9 +24,10 @@ import asyncio
 import logging
 import os
 import random
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-import hiredis
 from broadcaster import BroadcastBackend, Event
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
@@ -37,7 +38,8 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.broker.canary import Canary
-from service.broker.redis_pipe import READ_SIZE, ScriptPipe, reply_error, streams
+from service.broker.redis_pipe import ScriptPipe
+from service.broker.replies import ReplyTap
 from service.errors import BrokerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -114,7 +116,14 @@ class RedisBackend(BroadcastBackend):
         )
         self._client: Redis = Redis(connection_pool=pool)
         self._pipes: list[ScriptPipe] = []
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        # What the reader heard, until broadcaster's listener (the one caller of
+        # `next_published`) takes it: a deque and one waiter cost a fraction of what an
+        # asyncio.Queue does per message.
+        self._heard: deque[Event] = deque()
+        self._listener: asyncio.Future[None] | None = None
+        #: Set by the broker: hands an event to its subscribers at once, or returns False
+        #: (nobody to hand it to yet); the event then goes the listener's way.
+        self.dispatch: Callable[[Event], bool] | None = None
         # channel name -> set once Redis confirmed our latest SUBSCRIBE to it
         self._wanted: dict[str, asyncio.Event] = {}
         # prefixed channel (bytes, as Redis sends it) -> channel name
@@ -192,8 +201,15 @@ class RedisBackend(BroadcastBackend):
             raise BrokerUnavailable(f"Redis did not accept the event: {exc}") from exc
 
     async def next_published(self) -> Event:
-        """The next message on any wanted channel, as a str frame."""
-        return await self._queue.get()
+        """The next message on any wanted channel, as a str frame (one caller at a time)."""
+        heard = self._heard
+        while not heard:
+            self._listener = asyncio.get_running_loop().create_future()
+            try:
+                await self._listener
+            finally:
+                self._listener = None
+        return heard.popleft()
 
     # -- what the broker adds ---------------------------------------------------------
 
@@ -328,6 +344,8 @@ class RedisBackend(BroadcastBackend):
             try:
                 conn = self._new_connection()
                 await conn.connect()  # type: ignore[no-untyped-call]
+                # Before anything is sent: every reply from here on goes to `_reply`.
+                tap = ReplyTap(conn, self._reply)
                 # From here on `subscribe` sends on this connection itself; everything wanted
                 # before this point is in the snapshot below (no await in between).
                 self._conn = conn
@@ -341,7 +359,7 @@ class RedisBackend(BroadcastBackend):
                     logger.warning("Redis pub/sub connection restored after %d failures", failures)
                 delay, failures = _FIRST_RETRY_DELAY, 0
                 self.last_error = ""
-                await self._read(conn)
+                await self._watch(conn, tap)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the reader must outlive any error
@@ -366,33 +384,47 @@ class RedisBackend(BroadcastBackend):
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self._retry_max_delay)
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        # Reads whatever has arrived and parses it with hiredis: redis-py's read_response
-        # awaits every line of every message and costs several times more CPU per message
-        # (docs/performance.md).
-        reader, _ = streams(conn)
-        parser = hiredis.Reader(replyError=reply_error)
+    async def _watch(self, conn: AbstractConnection, tap: ReplyTap) -> None:
+        """Until the connection ends: ping it when silent, end it when a ping goes unheard.
+
+        Messages do not pass through here: each read is parsed with hiredis from inside
+        the read (`ReplyTap` calls `_reply`), with no task step and no timeout per read.
+        redis-py's read_response awaits every line of every message and costs several
+        times more CPU per message (docs/performance.md).
+        """
         loop = asyncio.get_running_loop()
-        last_heard = loop.time()
-        while True:
-            try:
-                async with asyncio.timeout(self._ping_interval):
-                    data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                silent = loop.time() - last_heard
-                if silent >= self._ping_interval + self._ping_timeout:
-                    raise TimeoutError(f"no reply from Redis for {silent:.1f} s") from None
+        pinged_at: float | None = None  # last_heard when the pending PING went out
+        while not tap.ended.done():
+            silent = loop.time() - tap.last_heard
+            if silent >= self._ping_interval + self._ping_timeout:
+                raise TimeoutError(f"no reply from Redis for {silent:.1f} s")
+            if silent >= self._ping_interval and pinged_at != tap.last_heard:
+                pinged_at = tap.last_heard
                 await conn.send_command("PING", check_health=False)
-                continue
-            if not data:
-                raise RedisConnectionError("Redis closed the pub/sub connection")
-            last_heard = loop.time()
-            parser.feed(data)
-            while (reply := parser.gets()) is not False:
-                if isinstance(reply, Exception):  # an error reply (reply_error made it)
-                    raise reply
-                if isinstance(reply, list) and len(reply) == 3:
-                    self._handle(reply[0], reply[1], reply[2])
+            # Wake when the connection ends, or when the silence reaches the next mark:
+            # a ping after `ping_interval`, the end after `ping_timeout` more.
+            mark = self._ping_interval
+            if silent >= mark:
+                mark += self._ping_timeout
+            await asyncio.wait([tap.ended], timeout=tap.last_heard + mark - loop.time())
+        raise tap.ended.result()
+
+    def _reply(self, reply: Any) -> None:
+        if isinstance(reply, Exception):  # an error reply (reply_error made it)
+            raise reply
+        if isinstance(reply, list) and len(reply) == 3:
+            self._handle(reply[0], reply[1], reply[2])
+
+    def _hear(self, event: Event) -> None:
+        # Straight to the subscribers' queues from inside the read, which saves a task
+        # step per message; but never past events still waiting for the listener.
+        dispatch = self.dispatch
+        if dispatch is not None and not self._heard and dispatch(event):
+            return
+        self._heard.append(event)
+        listener = self._listener
+        if listener is not None and not listener.done():
+            listener.set_result(None)
 
     def _handle(self, kind: bytes, key: bytes, data: Any) -> None:
         if key == self._canary_key:
@@ -422,7 +454,7 @@ class RedisBackend(BroadcastBackend):
                         self._prefix,
                     )
                 return
-            self._queue.put_nowait(Event(channel, text))
+            self._hear(Event(channel, text))
         elif kind == b"subscribe":
             # Count acks per channel even if it is no longer wanted: an ack from before an
             # unsubscribe must not confirm a later subscribe that Redis has not yet seen.
@@ -440,4 +472,4 @@ class RedisBackend(BroadcastBackend):
             if channel in self._gaps:
                 # Messages published while the connection was down never reached us.
                 self._gaps.discard(channel)
-                self._queue.put_nowait(Event(channel, SUBSCRIPTION_INTERRUPTED))
+                self._hear(Event(channel, SUBSCRIPTION_INTERRUPTED))

@@ -4,8 +4,8 @@ Every publish is one script call. Through redis-py's command path (pool checkout
 retry wrapper, a timeout per read, a parser that awaits each line of the reply) one call
 costs this process about 200 µs more CPU than it needs on the benchmark's machine kind
 (docs/performance.md). Here a call packs its command, writes it behind those already in
-flight and waits for its reply; one reader task feeds whatever arrives to hiredis and
-hands the replies out in order. redis-py still makes the connection (TLS, AUTH,
+flight and waits for its reply; the connection's reads go straight to hiredis
+(`ReplyTap`), which hands the replies out in order. redis-py still makes the connection (TLS, AUTH,
 database, client name), so the URL means the same as elsewhere.
 
 What the pooled path promised still holds:
@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import hiredis
-from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,35 +37,11 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-#: Bytes asked of a Redis socket per read (here and by the pub/sub reader): whatever
-#: has arrived, several replies or messages at once when they come in bursts.
-READ_SIZE = 1 << 16
+from service.broker.replies import ReplyTap
 
 
 class PipeClosed(RedisError):
     """The pipe was closed (the worker is shutting down): not retried."""
-
-
-def reply_error(message: str) -> RedisError:
-    """The redis-py exception for an error reply, as redis-py's own parsers make it.
-
-    hiredis calls this for each error reply. The classes matter: `LOADING` is a
-    connection error (retried), `NOSCRIPT` makes the pipe send the whole script.
-    """
-    error: RedisError = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
-    return error
-
-
-def streams(conn: AbstractConnection) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The asyncio streams of a connected redis-py connection.
-
-    They are private attributes of redis-py's asyncio connection (pinned to 8.1 in
-    pyproject.toml for this reason); a connection without them is not connected.
-    """
-    reader, writer = conn._reader, conn._writer
-    if reader is None or writer is None:
-        raise RedisConnectionError("the Redis connection is not connected")
-    return reader, writer
 
 
 class _Link:
@@ -74,15 +49,14 @@ class _Link:
 
     def __init__(self, conn: AbstractConnection, timeout: float) -> None:
         self.conn = conn
-        self._reader, self._writer = streams(conn)
         self._timeout = timeout
         # (when it was written, its future), oldest first: replies come in this order.
         self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
-        self._parser = hiredis.Reader(replyError=reply_error)
         self._loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
         self.broken: RedisError | None = None
-        self._task = asyncio.create_task(self._read(), name="redis-publish-reader")
+        # Replies are handed out from inside the read that brought them: no reader task.
+        self._tap = ReplyTap(conn, self._reply, on_end=self._ended)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Write one packed command; the future gets its reply (or the error reply)."""
@@ -91,7 +65,7 @@ class _Link:
         try:
             # No drain: every call waits for its reply, so what is buffered here is
             # bounded by the publishes in flight.
-            self._writer.write(packed)
+            self._tap.transport.write(packed)
         except Exception as exc:  # uvloop raises RuntimeError on a closing transport
             error = RedisConnectionError(f"Redis connection unusable: {exc!r}")
             self.close(error)
@@ -125,29 +99,23 @@ class _Link:
                 future.set_exception(timed_out)
         self.close(RedisConnectionError("an earlier call on this connection timed out"))
 
-    async def _read(self) -> None:
-        reader, parser, waiting = self._reader, self._parser, self._waiting
-        try:
-            while data := await reader.read(READ_SIZE):
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    _, future = waiting.popleft()
-                    # A caller that was cancelled left its future behind: its reply still
-                    # arrives here, in its turn, and is dropped.
-                    if not future.done():
-                        if isinstance(reply, Exception):
-                            future.set_exception(reply)
-                        else:
-                            future.set_result(reply)
-            error: RedisError = RedisConnectionError("Redis closed the connection")
-        except asyncio.CancelledError:
-            error = RedisConnectionError("the connection was closed")
-        except IndexError:
-            error = RedisConnectionError("Redis sent a reply nobody asked for")
-        except Exception as exc:  # a reset socket, a protocol error: the link is done
-            error = RedisConnectionError(f"Redis connection lost: {exc!r}")
-        self.close(error)
-        await self.conn.disconnect(nowait=True)
+    def _reply(self, reply: Any) -> None:
+        if not self._waiting:
+            raise RedisConnectionError("Redis sent a reply nobody asked for")
+        _, future = self._waiting.popleft()
+        # A caller that was cancelled left its future behind: its reply still arrives
+        # here, in its turn, and is dropped.
+        if not future.done():
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def _ended(self, reason: BaseException) -> None:
+        if isinstance(reason, RedisError):
+            self.close(reason)
+        else:  # a reply hiredis could not parse
+            self.close(RedisConnectionError(f"Redis connection lost: {reason!r}"))
 
     def close(self, error: RedisError) -> None:
         """Fail every call in flight with `error`, and reset the connection."""
@@ -161,11 +129,7 @@ class _Link:
             _, future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(error)
-        # A reset, not a graceful close: commands still buffered here must not reach
-        # Redis after they were retried on another connection.
-        self._writer.transport.abort()
-        if self._task is not asyncio.current_task():
-            self._task.cancel()
+        self._tap.end(error)
 
 
 class ScriptPipe:
@@ -244,6 +208,10 @@ class ScriptPipe:
             task.exception()  # retrieved here too: every waiter may have given up
 
     async def _make_link(self) -> _Link:
+        stale, self._link = self._link, None
+        if stale is not None:
+            # Already reset (`_Link.close`); this lets redis-py's side of it go too.
+            await stale.conn.disconnect(nowait=True)
         conn = self._connection()
         try:
             # Bounded by the connection's own connect and socket timeouts.

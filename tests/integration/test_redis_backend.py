@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from broadcaster import Event
 
 from service.broker.redis_backend import RedisBackend
 from tests.helpers import UNIT, RedisServer, async_wait_for, unique
@@ -99,3 +100,42 @@ async def test_messages_read_in_bursts_and_in_pieces_arrive_whole_and_in_order(
         received = [(await backend.next_published()) for _ in sent]
     assert [event.channel for event in received] == [channel] * len(sent)
     assert [event.message for event in received] == sent
+
+
+async def test_dispatched_messages_never_overtake_those_left_for_the_listener(
+    backend: RedisBackend, redis_server: RedisServer, prefix: str
+) -> None:
+    # The broker's dispatch hands messages to the subscribers from inside the read. One
+    # it refuses (nobody subscribed yet) waits for broadcaster's listener, and so does
+    # every message after it until the listener has taken it: the order holds.
+    channel = unique("dispatch")
+    await backend.subscribe(channel)
+    await backend.wait_subscribed(channel)
+    offered: list[str] = []
+    dispatched: list[str] = []
+
+    def dispatch(event: Event) -> bool:
+        offered.append(event.message)
+        if len(offered) == 1:
+            return False
+        dispatched.append(event.message)
+        return True
+
+    backend.dispatch = dispatch
+    sent = [f"m{n}" for n in range(10)]
+    with redis_server.client().pipeline(transaction=False) as pipe:
+        for text in sent:
+            pipe.publish(prefix + channel, text)
+        pipe.execute()
+    async with asyncio.timeout(10 * UNIT):
+        received = [(await backend.next_published()).message for _ in sent]
+    assert received == sent
+    assert offered == ["m0"]
+    assert dispatched == []
+    # With nothing left waiting, the next message is dispatched at once.
+    redis_server.client().publish(prefix + channel, "later")
+
+    async def dispatched_later() -> bool:
+        return dispatched == ["later"]
+
+    await async_wait_for(dispatched_later, what="the dispatch")

@@ -12,7 +12,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from service.broker.redis_pipe import reply_error
+from service.broker.replies import reply_error
 
 
 @pytest.mark.parametrize(
