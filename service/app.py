@@ -49,7 +49,7 @@ def create_app(settings: Settings) -> ws.WebSocketEndpoints:
                 catchup_frames=settings.outbox_max_messages,
                 catchup_chars=settings.outbox_max_bytes,
                 fanout_chunk=settings.fanout_chunk,
-                on_fanout=metrics.deliveries.inc,
+                on_fanout=metrics.delivered,
             )
             metrics.watch(hub, broker)
             app.state.runtime = Runtime(

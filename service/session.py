@@ -182,7 +182,7 @@ class Session(_ChannelSession):
                 except BrokerUnavailable as exc:
                     exc.ref = ref
                     raise
-                self._rt.metrics.published_ws.inc()
+                self._rt.metrics.published_ws += 1
                 self.deliver(frames.published(channel, message_id, ref))
             case Subscribe(channel, since, info, ref):
                 if channel in self._channels:
@@ -286,4 +286,4 @@ class SimpleSession(_ChannelSession):
         except ServiceError as exc:
             self.send_error(exc)
             return
-        self._rt.metrics.published_ws.inc()
+        self._rt.metrics.published_ws += 1

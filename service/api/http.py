@@ -53,7 +53,7 @@ async def publish(channel: str, request: Request, runtime: RuntimeDep) -> dict[s
         )
     data = encode_json_value(payload["data"], limits, "data", None)
     message_id = await runtime.broker.publish(channel, data)
-    runtime.metrics.published_http.inc()
+    runtime.metrics.published_http += 1
     return {"channel": channel, "id": message_id}
 
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from service.broker import SUBSCRIPTION_INTERRUPTED, Broker, Position
-from service.broker.history import MemoryHistory, read_after
+from service.broker.history import MemoryHistory, new_epoch, read_after
 from service.hub import Hub, Joined
 from service.settings import Settings
 from tests.helpers import async_wait_for
@@ -343,3 +343,12 @@ async def test_resumes_between_the_chunks_of_a_big_fan_out_miss_nothing() -> Non
             got = [orjson.loads(f)["id"] for f in member.frames]
             assert got == every[every.index(since) + 1 :]
         await hub.close()
+
+
+def test_epochs_are_eight_base32_characters_and_differ() -> None:
+    epochs = {new_epoch() for _ in range(1000)}
+    assert len(epochs) == 1000
+    assert all(len(e) == 8 and set(e) <= set("0123456789abcdefghijklmnopqrstuv") for e in epochs)
+    # All 32 symbols turn up in every position: the whole 40 bits are random.
+    for position in range(8):
+        assert len({e[position] for e in epochs}) == 32
