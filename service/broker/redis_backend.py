@@ -11,7 +11,9 @@ This backend keeps broadcaster's `BroadcastBackend` interface, but:
   connection is up); they never raise, so broadcaster's bookkeeping stays consistent.
 * One reader task owns a dedicated pub/sub connection (not a pool connection). It
   reconnects with jittered exponential backoff and re-subscribes everything wanted;
-  it catches every error, so it cannot end while the backend is open.
+  it catches every error, so it cannot end while the backend is open. The messages
+  themselves are parsed and handed on from inside each read (`ReplyTap`), straight
+  into the subscribers' queues when the broker allows it (`dispatch`).
 * A watchdog pings the pub/sub connection when it is silent and rebuilds it when no
   reply comes in time, which `health_check_interval` does not do for a frozen Redis.
 * After a reconnect, each channel that was live gets `SUBSCRIPTION_INTERRUPTED` in its
