@@ -1,24 +1,33 @@
 """`ReplyTap` (service/broker/replies.py): reading a redis-py connection from its reads.
 
 Against a real redis-server: the replies of a pipelined burst in order, error replies
-as redis-py's exceptions, the ways a connection ends, and redis-py's own writing and
-closing still working once the tap has taken the reading over.
+as redis-py's exceptions, the ways a connection ends, redis-py's own writing and
+closing still working once the tap has taken the reading over, and the same over TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import datetime
+import ipaddress
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import hiredis
 import pytest
-from redis.asyncio.connection import Connection
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from service.broker.replies import ReplyTap
-from tests.helpers import RedisServer, async_wait_for, unique
+from tests.helpers import RedisServer, async_wait_for, free_port, unique
 
 
 async def _until(condition: Callable[[], Any], what: str) -> None:
@@ -146,3 +155,90 @@ async def test_a_connection_with_unread_replies_is_refused(redis_server: RedisSe
             ReplyTap(conn, lambda reply: None)
     finally:
         await conn.disconnect(nowait=True)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (no openssl binary needed)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_tap_reads_a_tls_connection(tmp_path: Path, loop: str) -> None:
+    # rediss:// URLs: the transport is an SSL one (uvloop's in the service), whose
+    # protocol the tap takes over like a plain socket's.
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+            *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+            *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"),
+            *("--save", "", "--appendonly", "no", "--dir", str(tmp_path)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+    async def exchange() -> None:
+        conn = SSLConnection(
+            host="127.0.0.1",
+            port=port,
+            protocol=2,
+            ssl_ca_certs=str(cert),
+            ssl_cert_reqs="required",
+        )
+        await async_wait_for(_connects(conn), what="redis-server over TLS")
+        replies: list[Any] = []
+        tap = ReplyTap(conn, replies.append)
+        big = "y" * 200_000
+        tap.transport.write(_pack("PING") + _pack("ECHO", big))
+        await _until(lambda: len(replies) == 2, what="two replies over TLS")
+        assert replies == [b"PONG", big.encode()]
+        await conn.send_command("ECHO", "through redis-py", check_health=False)
+        await _until(lambda: len(replies) == 3, what="the echo")
+        assert replies[2] == b"through redis-py"
+        await conn.disconnect()
+        assert isinstance(await asyncio.wait_for(tap.ended, 5), RedisConnectionError)
+
+    try:
+        if loop == "uvloop":
+            uvloop.run(exchange())
+        else:
+            asyncio.run(exchange())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _connects(conn: SSLConnection) -> Callable[[], Awaitable[bool]]:
+    async def attempt() -> bool:
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return True
+
+    return attempt
