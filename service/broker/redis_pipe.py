@@ -4,9 +4,10 @@ Every publish is one script call. Through redis-py's command path (pool checkout
 retry wrapper, a timeout per read, a parser that awaits each line of the reply) one call
 costs this process about 200 µs more CPU than it needs on the benchmark's machine kind
 (docs/performance.md). Here a call packs its command, writes it behind those already in
-flight and waits for its reply; the connection's reads go straight to hiredis
-(`ReplyTap`), which hands the replies out in order. redis-py still makes the connection (TLS, AUTH,
-database, client name), so the URL means the same as elsewhere.
+flight and waits for its reply; each read of the connection goes straight to hiredis
+(`ReplyTap`), and the replies are handed out in order from inside that read. redis-py
+still makes the connection (TLS, AUTH, database, client name), so the URL means the
+same as elsewhere.
 
 What the pooled path promised still holds:
 
