@@ -26,7 +26,6 @@ import asyncio
 import logging
 import os
 import random
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -118,11 +117,9 @@ class RedisBackend(BroadcastBackend):
         )
         self._client: Redis = Redis(connection_pool=pool)
         self._pipes: list[ScriptPipe] = []
-        # What the reader heard, until broadcaster's listener (the one caller of
-        # `next_published`) takes it: a deque and one waiter cost a fraction of what an
-        # asyncio.Queue does per message.
-        self._heard: deque[Event] = deque()
-        self._listener: asyncio.Future[None] | None = None
+        # Messages for broadcaster's listener (`next_published`): all of them without a
+        # `dispatch`; with one, those it could not hand on and whatever came after them.
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
         #: Set by the broker: hands an event to its subscribers at once, or returns False
         #: (nobody to hand it to yet); the event then goes the listener's way.
         self.dispatch: Callable[[Event], bool] | None = None
@@ -203,15 +200,8 @@ class RedisBackend(BroadcastBackend):
             raise BrokerUnavailable(f"Redis did not accept the event: {exc}") from exc
 
     async def next_published(self) -> Event:
-        """The next message on any wanted channel, as a str frame (one caller at a time)."""
-        heard = self._heard
-        while not heard:
-            self._listener = asyncio.get_running_loop().create_future()
-            try:
-                await self._listener
-            finally:
-                self._listener = None
-        return heard.popleft()
+        """The next message on any wanted channel, as a str frame."""
+        return await self._queue.get()
 
     # -- what the broker adds ---------------------------------------------------------
 
@@ -421,12 +411,9 @@ class RedisBackend(BroadcastBackend):
         # Straight to the subscribers' queues from inside the read, which saves a task
         # step per message; but never past events still waiting for the listener.
         dispatch = self.dispatch
-        if dispatch is not None and not self._heard and dispatch(event):
+        if dispatch is not None and self._queue.empty() and dispatch(event):
             return
-        self._heard.append(event)
-        listener = self._listener
-        if listener is not None and not listener.done():
-            listener.set_result(None)
+        self._queue.put_nowait(event)
 
     def _handle(self, kind: bytes, key: bytes, data: Any) -> None:
         if key == self._canary_key:
