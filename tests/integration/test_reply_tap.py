@@ -11,7 +11,8 @@ import asyncio
 import datetime
 import ipaddress
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,15 @@ async def _until(condition: Callable[[], Any], what: str) -> None:
     await async_wait_for(check, what=what)
 
 
-async def _connected(redis_server: RedisServer, name: str) -> Connection:
+@asynccontextmanager
+async def _connected(redis_server: RedisServer, name: str) -> AsyncIterator[Connection]:
+    """A connected redis-py connection, disconnected (if it is not yet) on exit."""
     conn = Connection(port=redis_server.port, protocol=2, client_name=name)
     await conn.connect()  # type: ignore[no-untyped-call]
-    return conn
+    try:
+        yield conn
+    finally:
+        await conn.disconnect(nowait=True)
 
 
 def _pack(*args: str | bytes | int) -> bytes:
@@ -50,10 +56,9 @@ def _pack(*args: str | bytes | int) -> bytes:
 async def test_a_pipelined_burst_comes_back_whole_and_in_order(
     redis_server: RedisServer,
 ) -> None:
-    conn = await _connected(redis_server, unique("tap"))
-    replies: list[Any] = []
-    tap = ReplyTap(conn, replies.append)
-    try:
+    async with _connected(redis_server, unique("tap")) as conn:
+        replies: list[Any] = []
+        tap = ReplyTap(conn, replies.append)
         key = unique("k")
         big = "x" * 300_000  # split over several reads
         burst = [_pack("SET", key, big), _pack("GET", key)]
@@ -64,54 +69,45 @@ async def test_a_pipelined_burst_comes_back_whole_and_in_order(
         assert replies[1] == big.encode()
         assert replies[2:] == [str(n).encode() for n in range(2000)]
         assert not tap.ended.done()
-    finally:
-        await conn.disconnect(nowait=True)
 
 
 async def test_error_replies_arrive_as_redis_py_exceptions(redis_server: RedisServer) -> None:
-    conn = await _connected(redis_server, unique("tap"))
-    replies: list[Any] = []
-    tap = ReplyTap(conn, replies.append)
-    try:
+    async with _connected(redis_server, unique("tap")) as conn:
+        replies: list[Any] = []
+        tap = ReplyTap(conn, replies.append)
         tap.transport.write(_pack("EVALSHA", "0" * 40, 0) + _pack("NOSUCHCOMMAND"))
         await _until(lambda: len(replies) == 2, what="two error replies")
         assert isinstance(replies[0], NoScriptError)
         assert isinstance(replies[1], ResponseError)
         assert not tap.ended.done()  # an error reply is a reply, not the end
-    finally:
-        await conn.disconnect(nowait=True)
 
 
 async def test_a_reply_the_callback_refuses_ends_and_resets_the_connection(
     redis_server: RedisServer,
 ) -> None:
     name = unique("tap")
-    conn = await _connected(redis_server, name)
     ends: list[BaseException] = []
 
     def refuse(reply: Any) -> None:
         raise ValueError(f"unexpected {reply!r}")
 
-    tap = ReplyTap(conn, refuse, on_end=ends.append)
-    try:
+    async with _connected(redis_server, name) as conn:
+        tap = ReplyTap(conn, refuse, on_end=ends.append)
         tap.transport.write(_pack("PING"))
         reason = await asyncio.wait_for(tap.ended, 5)
         assert isinstance(reason, ValueError)
         assert ends == [reason]  # on_end: once, with the same reason
         assert tap.transport.is_closing()
         await _until(lambda: not redis_server.clients_named(name), what="reset")
-    finally:
-        await conn.disconnect(nowait=True)
 
 
 async def test_redis_dropping_the_client_ends_the_tap_and_redis_py_sees_it(
     redis_server: RedisServer,
 ) -> None:
     name = unique("tap")
-    conn = await _connected(redis_server, name)
     ends: list[BaseException] = []
-    tap = ReplyTap(conn, lambda reply: None, on_end=ends.append)
-    try:
+    async with _connected(redis_server, name) as conn:
+        tap = ReplyTap(conn, lambda reply: None, on_end=ends.append)
         [client] = redis_server.clients_named(name)
         redis_server.client().client_kill_filter(_id=client["id"])
         reason = await asyncio.wait_for(tap.ended, 5)
@@ -121,29 +117,26 @@ async def test_redis_dropping_the_client_ends_the_tap_and_redis_py_sees_it(
         reader = conn._reader
         assert reader is not None
         await _until(reader.at_eof, what="redis-py's reader at EOF")
-    finally:
-        await conn.disconnect(nowait=True)
 
 
 async def test_redis_py_still_writes_and_closes_through_its_streams(
     redis_server: RedisServer,
 ) -> None:
     name = unique("tap")
-    conn = await _connected(redis_server, name)
-    replies: list[Any] = []
-    tap = ReplyTap(conn, replies.append)
-    # redis-py's send_command writes and drains through its StreamWriter.
-    await conn.send_command("ECHO", "through redis-py", check_health=False)
-    await _until(lambda: replies == [b"through redis-py"], what="the echo")
-    await conn.disconnect()  # waits for the stream to close: the tap passed the end on
-    reason = await asyncio.wait_for(tap.ended, 5)
-    assert isinstance(reason, RedisConnectionError)
+    async with _connected(redis_server, name) as conn:
+        replies: list[Any] = []
+        tap = ReplyTap(conn, replies.append)
+        # redis-py's send_command writes and drains through its StreamWriter.
+        await conn.send_command("ECHO", "through redis-py", check_health=False)
+        await _until(lambda: replies == [b"through redis-py"], what="the echo")
+        await conn.disconnect()  # waits for the stream to close: the tap passed the end on
+        reason = await asyncio.wait_for(tap.ended, 5)
+        assert isinstance(reason, RedisConnectionError)
     await _until(lambda: not redis_server.clients_named(name), what="closed")
 
 
 async def test_a_connection_with_unread_replies_is_refused(redis_server: RedisServer) -> None:
-    conn = await _connected(redis_server, unique("tap"))
-    try:
+    async with _connected(redis_server, unique("tap")) as conn:
         writer = conn._writer
         assert writer is not None
         writer.write(_pack("PING"))
@@ -153,8 +146,6 @@ async def test_a_connection_with_unread_replies_is_refused(redis_server: RedisSe
         await _until(lambda: bool(getattr(reader, "_buffer", b"")), what="a reply")
         with pytest.raises(RedisConnectionError, match="unread"):
             ReplyTap(conn, lambda reply: None)
-    finally:
-        await conn.disconnect(nowait=True)
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
