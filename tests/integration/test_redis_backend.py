@@ -87,15 +87,10 @@ async def test_messages_read_in_bursts_and_in_pieces_arrive_whole_and_in_order(
 ) -> None:
     # The reader parses whatever one read returns: many messages at once (a pipeline of
     # PUBLISHes), or part of one (a message larger than a read).
-    channel = unique("burst")
-    await backend.subscribe(channel)
-    await backend.wait_subscribed(channel)
+    channel = await _subscribed(backend, unique("burst"))
     big = "x" * 300_000
     sent = [f"m{n}" for n in range(2000)] + [big, "after"]
-    with redis_server.client().pipeline(transaction=False) as pipe:
-        for text in sent:
-            pipe.publish(prefix + channel, text)
-        pipe.execute()
+    _publish_pipelined(redis_server, prefix + channel, sent)
     async with asyncio.timeout(10 * UNIT):
         received = [(await backend.next_published()) for _ in sent]
     assert [event.channel for event in received] == [channel] * len(sent)
@@ -108,9 +103,7 @@ async def test_dispatched_messages_never_overtake_those_left_for_the_listener(
     # The broker's dispatch hands messages to the subscribers from inside the read. One
     # it refuses (nobody subscribed yet) waits for broadcaster's listener, and so does
     # every message after it until the listener has taken it: the order holds.
-    channel = unique("dispatch")
-    await backend.subscribe(channel)
-    await backend.wait_subscribed(channel)
+    channel = await _subscribed(backend, unique("dispatch"))
     offered: list[str] = []
     dispatched: list[str] = []
 
@@ -123,10 +116,7 @@ async def test_dispatched_messages_never_overtake_those_left_for_the_listener(
 
     backend.dispatch = dispatch
     sent = [f"m{n}" for n in range(10)]
-    with redis_server.client().pipeline(transaction=False) as pipe:
-        for text in sent:
-            pipe.publish(prefix + channel, text)
-        pipe.execute()
+    _publish_pipelined(redis_server, prefix + channel, sent)
     async with asyncio.timeout(10 * UNIT):
         received = [(await backend.next_published()).message for _ in sent]
     assert received == sent
@@ -139,3 +129,18 @@ async def test_dispatched_messages_never_overtake_those_left_for_the_listener(
         return dispatched == ["later"]
 
     await async_wait_for(dispatched_later, what="the dispatch")
+
+
+async def _subscribed(backend: RedisBackend, channel: str) -> str:
+    """`channel`, once the backend's subscription to it is confirmed."""
+    await backend.subscribe(channel)
+    await backend.wait_subscribed(channel)
+    return channel
+
+
+def _publish_pipelined(redis_server: RedisServer, key: str, texts: list[str]) -> None:
+    """PUBLISH every text to `key` in one pipeline: they reach the reader in bursts."""
+    with redis_server.client().pipeline(transaction=False) as pipe:
+        for text in texts:
+            pipe.publish(key, text)
+        pipe.execute()
