@@ -26,8 +26,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "workers": settings.workers,
         "factory": True,
         "lifespan": "on",
-        # The implementation the service is tested with; see PITFALLS.md for its traps.
-        "ws": "websockets-sansio",
+        # websockets-sansio, the implementation the service is tested with (PITFALLS.md
+        # has its traps), with text messages read straight into the session (wire.py).
+        "ws": "service.wire:ReadingProtocol",
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": settings.ws_ping_timeout,

@@ -12,6 +12,12 @@ writer task, started for the occasion and gone once the outbox is empty, sends w
 has queued up in one write as soon as the client reads again. A full outbox closes
 the connection with 1013. An idle connection holds no task but the endpoint's, and no
 queue: memory per connection is what bounds a worker (docs/performance.md).
+
+The other way, a session may take a message from inside uvicorn's read
+(`handle_text_now`, service/wire.py) when it can act on it at once and nothing else is
+under way: a publish is sent to Redis and answered from inside the read of Redis's
+reply. Until it is answered, later messages wait in uvicorn's queue, and the read loop
+takes them in order once it is: one command at a time, as before.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from service.metrics import Metrics
 from service.protocol.codes import CloseCode
-from service.wire import DirectWriter, Send, forget_handshake, wire_frames
+from service.wire import DirectWriter, Send, forget_handshake, reading_protocol, wire_frames
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,13 @@ class Connection:
         self._reader: asyncio.Task[None] | None = None
         self._stop = False
         self._stop_cancelled = False
+        # The protocol that offers us messages from inside its read, if uvicorn runs ours.
+        self._reading = reading_protocol(self._send)
+        # True while the read loop handles a message, and while a command taken from the
+        # read is unfinished (`_hold`); the loop's wait for the latter, made when needed.
+        self._busy = False
+        self._held = False
+        self._held_done: asyncio.Future[None] | None = None
 
     @property
     def closing(self) -> bool:
@@ -147,6 +160,34 @@ class Connection:
     async def handle_text(self, text: str) -> None:
         """Handle one text frame from the client."""
 
+    def handle_text_now(self, text: str) -> bool:
+        """Handle one text frame from inside the read, if it can be; False: `handle_text`.
+
+        Only while `_may_handle_now()`: anything else would overtake a command under way.
+        """
+        return False
+
+    def _may_handle_now(self) -> bool:
+        """True if a frame taken from the read now would be handled in its turn."""
+        return (
+            self._reader is not None
+            and not self._busy
+            and not self._held
+            and self._closing is None
+            and not self._stop
+        )
+
+    def _hold(self) -> None:
+        """A command taken from the read goes on after it returned: the read loop waits."""
+        self._held = True
+
+    def _release_hold(self) -> None:
+        """That command is finished: the read loop may take the next message."""
+        self._held = False
+        waiter, self._held_done = self._held_done, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def handle_bytes(self, data: bytes) -> None:
         """Handle one binary frame from the client."""
 
@@ -159,23 +200,34 @@ class Connection:
             task = asyncio.current_task()
             assert task is not None
             self._reader = task
+            if self._reading is not None:
+                self._reading.reader = self
             try:
                 while not self._stop:
                     message = await self._ws.receive()
                     if message["type"] == "websocket.disconnect":
                         self._client_gone = True
                         break
+                    self._metrics.received_queued += 1
+                    self._busy = True
+                    if self._held:
+                        # The command taken from the read before this message goes first.
+                        self._held_done = asyncio.get_running_loop().create_future()
+                        await self._held_done
                     text = message.get("text")
                     if text is not None:
                         await self.handle_text(text)
                     else:
                         await self.handle_bytes(message.get("bytes") or b"")
+                    self._busy = False
             except asyncio.CancelledError:
                 if not self._stop_cancelled or task.cancelling() > 1:
                     raise  # not (only) ours: uvicorn's, or the server shutting down
                 task.uncancel()  # our own stop: the connection is closing
             finally:
                 self._reader = None
+                if self._reading is not None:
+                    self._reading.reader = None  # and no cycle left between the two
         except Exception:
             logger.exception("connection task failed")
             self._closing = self._closing or (CloseCode.INTERNAL_ERROR, "internal error")

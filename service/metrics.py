@@ -34,6 +34,8 @@ class Metrics:
         self.deliveries = 0
         self.frames_direct = 0
         self.frames_queued = 0
+        self.received_in_read = 0
+        self.received_queued = 0
         self.registry.register(_Counts(self))
         self.slow_consumers = Counter(
             "broadcast_slow_consumer_closes",
@@ -89,6 +91,15 @@ class _Counts(Collector):
         writes.add_metric(["direct"], metrics.frames_direct)
         writes.add_metric(["queued"], metrics.frames_queued)
         yield writes
+        received = CounterMetricFamily(
+            "broadcast_frames_received",
+            "Frames received from clients: `read` handled from inside the socket's read, "
+            "`queued` through uvicorn's queue and the connection's read loop.",
+            labels=["path"],
+        )
+        received.add_metric(["read"], metrics.received_in_read)
+        received.add_metric(["queued"], metrics.received_queued)
+        yield received
 
 
 class _StateCollector(Collector):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 from starlette.websockets import WebSocket
 
@@ -143,6 +144,28 @@ class _ChannelSession(Connection):
                 self._left.append((channel, info))
         self._channels.clear()
 
+    def _publish_now(self, channel: str, data: bytes, ref: Ref | None, *, ack: bool) -> None:
+        """Publish from inside the read; the next message waits until Redis answered."""
+        self._hold()
+        self._rt.broker.publish_now(channel, data, partial(self._published, channel, ref, ack))
+
+    def _published(
+        self, channel: str, ref: Ref | None, ack: bool, outcome: str | Exception
+    ) -> None:
+        # What `handle_text` does after its `await` of the publish.
+        self._release_hold()
+        if isinstance(outcome, str):
+            self._rt.metrics.published_ws += 1
+            if ack and not self.closing:
+                self.deliver(frames.published(channel, outcome, ref))
+        elif isinstance(outcome, BrokerUnavailable):
+            outcome.ref = ref
+            self.send_error(outcome)
+        else:
+            # As for a command that raised in the read loop: logged, closed with 1011.
+            logger.error("publishing failed", exc_info=outcome)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
     async def _announce(self, kind: str, channel: str, info: bytes) -> None:
         try:
             await self._rt.broker.publish_event(channel, frames.presence_event(kind, channel, info))
@@ -164,6 +187,25 @@ class _ChannelSession(Connection):
 
 class Session(_ChannelSession):
     """`/ws`: a client speaking protocol v1 (subscribe, unsubscribe, publish, ping)."""
+
+    def handle_text_now(self, text: str) -> bool:
+        """Publish and ping from inside the read; the other commands need the read loop."""
+        if not self._may_handle_now():
+            return False
+        try:
+            command = parse_command(text, self._rt.limits)
+            match command:
+                case Publish(channel, data, ref):
+                    self._may_publish(channel, ref)
+                    self._publish_now(channel, data, ref, ack=True)
+                case Ping(ref):
+                    self.deliver(frames.pong(ref))
+                case _:
+                    return False  # parsed again by `handle_text`: rare, and cheap
+        except ServiceError as exc:
+            self.send_error(exc)
+        self._rt.metrics.received_in_read += 1
+        return True
 
     async def handle_text(self, text: str) -> None:
         """Parse and execute one command; every failure becomes an `error` frame."""
@@ -276,6 +318,19 @@ class SimpleSession(_ChannelSession):
             self.send_error(exc)
             self.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable, retry later")
         await super().run()
+
+    def handle_text_now(self, text: str) -> bool:
+        """Publish the frame's text from inside the read, when nothing else is under way."""
+        if not self._may_handle_now():
+            return False
+        try:
+            data = encode_json_value(text, self._rt.limits, "message", None)
+            self._may_publish(self._channel, None)
+            self._publish_now(self._channel, data, None, ack=False)
+        except ServiceError as exc:
+            self.send_error(exc)
+        self._rt.metrics.received_in_read += 1
+        return True
 
     async def handle_text(self, text: str) -> None:
         """Publish the frame's text to the channel."""

@@ -1,4 +1,4 @@
-"""The fan-out's shortcut to the socket: frames built once, written straight to uvicorn.
+"""Shortcuts to and from uvicorn's socket: frames written straight out, messages read in.
 
 A server's WebSocket frames are not masked, so without compression the bytes of a text
 frame are the same for every connection. `WireFrames` builds them once per message (the
@@ -12,24 +12,102 @@ for any other implementation, for per-message compression and for debug logging;
 `writable` checks, before every write, each condition under which uvicorn's own `send`
 would do something other than write one text frame. tests/unit/test_wire.py and
 tests/integration/test_direct_writes.py guard the attributes and the behaviour.
+
+The other way, `ReadingProtocol` (uvicorn's `ws` class, `service.__main__`) is that
+same protocol, except that a connection may take a text message from inside the read
+(`TextReader`) instead of through uvicorn's queue and `receive()`: a task step and two
+changes of the socket's epoll registration less per message. What the connection does
+not take goes uvicorn's way, behind whatever is queued already.
+tests/integration/test_reads_now.py guards it.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+class TextReader(Protocol):
+    """What a `ReadingProtocol` hands text messages to."""
+
+    def handle_text_now(self, text: str) -> bool:
+        """Handle `text` now, from inside the read; False leaves it to `receive()`."""
+        ...
+
+
+class ReadingProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol, with text messages offered to `reader` first.
+
+    Offered only while nothing waits in uvicorn's queue, so a message never overtakes
+    one queued before it; `reader` refuses what it cannot finish in order (a command
+    under way in its task). A message that is not valid UTF-8 goes uvicorn's way, which
+    closes with 1007.
+    """
+
+    # A slot, not an entry in the instance's __dict__: idle connections are counted in
+    # bytes (docs/performance.md).
+    __slots__ = ("reader",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Set by the connection once it reads (`Connection`), cleared when it stops.
+        self.reader: TextReader | None = None
+
+    def send_receive_event_to_app(self) -> None:
+        """Offer a whole text message to `reader`; otherwise queue it, as uvicorn does."""
+        reader = self.reader
+        if (
+            reader is not None
+            and self.curr_msg_data_type == "text"
+            and not self.close_sent
+            and self.queue.empty()
+        ):
+            frames = self.frames
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                pass
+            else:
+                if reader.handle_text_now(text):
+                    self.frames = []
+                    return
+        super().send_receive_event_to_app()
+
+
+def reading_protocol(send: object) -> ReadingProtocol | None:
+    """The `ReadingProtocol` whose bound method `send` is, else None."""
+    protocol = getattr(send, "__self__", None)
+    return protocol if type(protocol) is ReadingProtocol else None
+
+
+# A final text frame's first byte (FIN and opcode 1), then the payload length in 7 bits,
+# or 126 and 16 bits, or 127 and 64 bits (RFC 6455, 5.2).
+_HEAD_7 = struct.Struct("!BB")
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
+_FIN_TEXT = 0x81
+
+
 def text_frame(text: str) -> bytes:
-    """The bytes of one unmasked, uncompressed, unfragmented text frame of `text`."""
-    # websockets' own serializer: the same bytes its protocol object would write.
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+    """The bytes of one unmasked, uncompressed, unfragmented text frame of `text`.
+
+    The bytes websockets' own serializer writes (tests/unit/test_wire.py), without its
+    checks and buffer: this runs once per message per worker.
+    """
+    data = text.encode()
+    length = len(data)
+    if length < 126:
+        return _HEAD_7.pack(_FIN_TEXT, length) + data
+    if length < 65536:
+        return _HEAD_16.pack(_FIN_TEXT, 126, length) + data
+    return _HEAD_64.pack(_FIN_TEXT, 127, length) + data
 
 
 class WireFrames:
@@ -139,4 +217,6 @@ def _sansio_protocol(send: object) -> WebSocketsSansIOProtocol | None:
     None for another implementation (wsproto, legacy websockets), or a wrapped `send`.
     """
     protocol = getattr(send, "__self__", None)
-    return protocol if type(protocol) is WebSocketsSansIOProtocol else None
+    if type(protocol) in (WebSocketsSansIOProtocol, ReadingProtocol):
+        return protocol
+    return None

@@ -21,7 +21,7 @@ from broadcaster._base import Subscriber, Unsubscribed
 
 from service.broker.history import HistoryRead, MemoryHistory, Position
 from service.broker.redis_backend import RedisBackend
-from service.broker.redis_history import RedisHistory, publish_token_ttl
+from service.broker.redis_history import Published, RedisHistory, publish_token_ttl
 from service.errors import BrokerUnavailable
 from service.settings import Settings
 
@@ -34,6 +34,8 @@ Subscription = Subscriber
 
 class _HistoryStore(Protocol):
     async def publish(self, channel: str, data: bytes) -> str: ...
+
+    def publish_now(self, channel: str, data: bytes, done: Published) -> None: ...
 
     async def after(
         self, channel: str, since: Position | None, limit: int | None
@@ -52,11 +54,30 @@ class _MemoryStore:
             ttl=settings.history_ttl,
             meta_ttl=settings.history_meta_ttl,
         )
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def publish(self, channel: str, data: bytes) -> str:
         message_id, frame = self._history.publish(channel, data)
         await self._broadcast.publish(channel, frame)
         return message_id
+
+    def publish_now(self, channel: str, data: bytes, done: Published) -> None:
+        # broadcaster's publish is a coroutine, even in memory: a task, held until done.
+        task = asyncio.ensure_future(self._publish_then(channel, data, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_then(self, channel: str, data: bytes, done: Published) -> None:
+        # `done` in the task's own step, as an awaiting caller would go on.
+        try:
+            message_id = await self.publish(channel, data)
+        except asyncio.CancelledError:
+            done(BrokerUnavailable("the publish was cancelled: the worker is stopping"))
+            raise
+        except Exception as exc:
+            done(exc)
+        else:
+            done(message_id)
 
     async def after(self, channel: str, since: Position | None, limit: int | None) -> HistoryRead:
         return self._history.after(channel, since, limit)
@@ -142,6 +163,14 @@ class Broker:
     async def publish(self, channel: str, data: bytes) -> str:
         """Publish `data` (JSON) to `channel` as a `message` frame, keep it; return its id."""
         return await self._history.publish(channel, data)
+
+    def publish_now(self, channel: str, data: bytes, done: Published) -> None:
+        """`publish` from synchronous code: `done` gets the id, or what `publish` raises.
+
+        `done` is called later, never from inside this call; with Redis, from inside the
+        read of the script's reply when the publish connection is up.
+        """
+        self._history.publish_now(channel, data, done)
 
     async def history_after(
         self, channel: str, since: Position | None, limit: int | None = None

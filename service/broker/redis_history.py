@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
@@ -27,6 +28,9 @@ from service.broker.history import HistoryRead, Position, new_epoch, read_after
 from service.broker.redis_pipe import ScriptPipe
 from service.errors import BrokerUnavailable
 from service.protocol.frames import message_parts
+
+#: Gets a publish's message id, or the exception it failed with (`BrokerUnavailable`).
+Published = Callable[[str | Exception], None]
 
 # The publish script (bench/floor.py runs it too). KEYS: meta hash, stream, this
 # publish's token.
@@ -111,7 +115,23 @@ class RedisHistory:
 
     async def publish(self, channel: str, data: bytes) -> str:
         """Number `data`'s `message` frame, keep it and PUBLISH it; return its id."""
-        keys, args = publish_call(
+        keys, args = self._publish_call(channel, data)
+        try:
+            message_id = await self._publish(keys=keys, args=args)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        return _text(message_id)
+
+    def publish_now(self, channel: str, data: bytes, done: Published) -> None:
+        """`publish` without waiting: `done` gets the id, or the exception `publish` raises.
+
+        Called later, never from inside this call (service/broker/redis_pipe.py, `start`).
+        """
+        keys, args = self._publish_call(channel, data)
+        self._publish.start(keys, args, partial(_published, done))
+
+    def _publish_call(self, channel: str, data: bytes) -> tuple[list[EncodableT], list[EncodableT]]:
+        return publish_call(
             channel,
             data,
             prefix=self._prefix,
@@ -121,11 +141,6 @@ class RedisHistory:
             meta_ttl=self._meta_ttl,
             token_ttl=self._token_ttl,
         )
-        try:
-            message_id = await self._publish(keys=keys, args=args)
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis did not accept the message: {exc}") from exc
-        return _text(message_id)
 
     async def after(self, channel: str, since: Position | None, limit: int | None) -> HistoryRead:
         """The messages after `since` (all of them, or the first `limit`)."""
@@ -187,6 +202,22 @@ def publish_token_ttl(timeout: float) -> int:
     margin covers the watchdog's period and the backoff.
     """
     return math.ceil(2 * timeout) + 10
+
+
+def _published(done: Published, reply: Any) -> None:
+    """A publish script's reply as `publish` would return it (or raise it) to `done`."""
+    if not isinstance(reply, Exception):
+        done(_text(reply))
+    elif isinstance(reply, RedisError):
+        unavailable = _unavailable(reply)
+        unavailable.__cause__ = reply
+        done(unavailable)
+    else:
+        done(reply)
+
+
+def _unavailable(error: RedisError) -> BrokerUnavailable:
+    return BrokerUnavailable(f"Redis did not accept the message: {error}")
 
 
 def _text(value: Any) -> str:

@@ -20,14 +20,22 @@ What the pooled path promised still holds:
   later), as redis-py drops one that timed out. The other calls on it are retried.
 * Concurrent calls share one connection attempt: while Redis does not answer, they all
   fail after one connect timeout, not one after another.
+
+`start` makes a call from synchronous code, the publishing session's read, and hands
+its outcome to a callback from inside the read of the reply: no task step on either
+side (service/session.py). What the first write of such a call cannot settle goes on as
+an awaited call would, in a task of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import hiredis
@@ -40,6 +48,11 @@ from redis.typing import EncodableT
 
 from service.broker.replies import ReplyTap
 
+logger = logging.getLogger(__name__)
+
+#: Gets a call's reply, or the exception it failed with (an error reply included).
+OnReply = Callable[[Any], None]
+
 
 class PipeClosed(RedisError):
     """The pipe was closed (the worker is shutting down): not retried."""
@@ -51,9 +64,10 @@ class _Link:
     def __init__(self, conn: AbstractConnection, timeout: float) -> None:
         self.conn = conn
         self._timeout = timeout
-        # (when it was written, its future), oldest first: replies come in this order.
-        self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
-        self._loop = asyncio.get_running_loop()
+        # (when it was written, who waits for its reply), oldest first: replies come in
+        # this order. A future (`send`) or a callback (`send_then`).
+        self._waiting: deque[tuple[float, asyncio.Future[Any] | OnReply]] = deque()
+        self.loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
         self.broken: RedisError | None = None
         # Replies are handed out from inside the read that brought them: no reader task.
@@ -61,6 +75,19 @@ class _Link:
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Write one packed command; the future gets its reply (or the error reply)."""
+        future = self.loop.create_future()
+        self._write(packed, future)
+        return future
+
+    def send_then(self, packed: bytes, on_reply: OnReply) -> None:
+        """Write one packed command; `on_reply` gets its reply, or the exception it failed with.
+
+        Called from inside the read that brings the reply (or from where the call
+        fails). An exception it raises is logged: it must not end this connection.
+        """
+        self._write(packed, on_reply)
+
+    def _write(self, packed: bytes, waiter: asyncio.Future[Any] | OnReply) -> None:
         if self.broken is not None:
             raise self.broken
         try:
@@ -71,11 +98,9 @@ class _Link:
             error = RedisConnectionError(f"Redis connection unusable: {exc!r}")
             self.close(error)
             raise error from exc
-        future = self._loop.create_future()
-        self._waiting.append((self._loop.time(), future))
+        self._waiting.append((self.loop.time(), waiter))
         if self._watchdog is None:
-            self._watchdog = self._loop.call_later(self._check_every, self._check)
-        return future
+            self._watchdog = self.loop.call_later(self._check_every, self._check)
 
     @property
     def _check_every(self) -> float:
@@ -87,30 +112,23 @@ class _Link:
         self._watchdog = None
         if not self._waiting:
             return
-        now = self._loop.time()
+        now = self.loop.time()
         if now - self._waiting[0][0] < self._timeout:
-            self._watchdog = self._loop.call_later(self._check_every, self._check)
+            self._watchdog = self.loop.call_later(self._check_every, self._check)
             return
         # No reply in time: the connection may be dead without a reset. Like redis-py,
         # stop using it. Calls that waited too long fail; the others are retried.
         timed_out = RedisTimeoutError(f"no reply from Redis within {self._timeout:g} s")
         while self._waiting and now - self._waiting[0][0] >= self._timeout:
-            _, future = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(timed_out)
+            _, waiter = self._waiting.popleft()
+            _settle(waiter, timed_out)
         self.close(RedisConnectionError("an earlier call on this connection timed out"))
 
     def _reply(self, reply: Any) -> None:
         if not self._waiting:
             raise RedisConnectionError("Redis sent a reply nobody asked for")
-        _, future = self._waiting.popleft()
-        # A caller that was cancelled left its future behind: its reply still arrives
-        # here, in its turn, and is dropped.
-        if not future.done():
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        _, waiter = self._waiting.popleft()
+        _settle(waiter, reply)
 
     def _ended(self, reason: BaseException) -> None:
         if isinstance(reason, RedisError):
@@ -127,10 +145,27 @@ class _Link:
             self._watchdog.cancel()
             self._watchdog = None
         while self._waiting:
-            _, future = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            _, waiter = self._waiting.popleft()
+            _settle(waiter, error)
         self._tap.end(error)
+
+
+def _settle(waiter: asyncio.Future[Any] | OnReply, reply: Any) -> None:
+    """Hand `reply` (an exception if the call failed) to whoever waits for it."""
+    if isinstance(waiter, asyncio.Future):
+        # A caller that was cancelled left its future behind: its reply still arrives
+        # here, in its turn, and is dropped.
+        if not waiter.done():
+            if isinstance(reply, Exception):
+                waiter.set_exception(reply)
+            else:
+                waiter.set_result(reply)
+        return
+    try:
+        waiter(reply)
+    except Exception:
+        # Raised into the read, it would reset the connection under every other call.
+        logger.exception("a callback for a Redis reply failed")
 
 
 class ScriptPipe:
@@ -149,23 +184,79 @@ class ScriptPipe:
         self._connection = connection
         self._timeout = timeout
         self._retry = retry
+        # What is left of the retries once `start`'s own write was the first attempt.
+        self._retry_after_start: Retry | None = retry
+        retries = retry.get_retries()
+        if retries == 0:
+            self._retry_after_start = None
+        elif retries > 0:  # (-1: for ever)
+            self._retry_after_start = copy.copy(retry)
+            self._retry_after_start.update_retries(retries - 1)
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
         self._closed = False
+        # Calls `start` handed to a task; held here, as the loop keeps only weak references.
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, keys: list[EncodableT], args: list[EncodableT]) -> Any:
         """Run the script (EVALSHA; EVAL once Redis says it does not have it)."""
         call = [len(keys), *keys, *args]
         deadline = asyncio.get_running_loop().time() + self._timeout
-        try:
-            return await self._retry.call_with_retry(
-                lambda: self._attempt(b"EVALSHA", self._sha, call, deadline), _ignore
-            )
-        except NoScriptError:
-            # New to this Redis (or its script cache was flushed): EVAL caches it again.
-            return await self._retry.call_with_retry(
-                lambda: self._attempt(b"EVAL", self._script, call, deadline), _ignore
-            )
+        return await self._call(call, deadline, self._retry)
+
+    def start(self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply) -> None:
+        """Run the script without waiting: `on_reply` gets the reply, or the exception.
+
+        The outcome is what `await pipe(keys, args)` would return or raise, and it comes
+        later, never from inside this call. With the connection up, the EVALSHA is written
+        now and `on_reply` is called from inside the read that brings its reply. If that
+        attempt fails on the connection, the call is retried at once as `__call__` would,
+        in a task, within the same deadline and with the attempt counted; if Redis lacks
+        the script, EVAL follows. Without a usable connection, all of it runs in a task.
+        """
+        call = [len(keys), *keys, *args]
+        link = self._link
+        if not self._closed and link is not None and link.broken is None:
+            deadline = link.loop.time() + self._timeout
+            packed = hiredis.pack_command((b"EVALSHA", self._sha, *call))  # type: ignore[arg-type]
+            try:
+                link.send_then(packed, partial(self._first_reply, call, deadline, on_reply))
+                return
+            except RedisError:
+                pass  # the link closed itself and nothing was written: the path below
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        self._finish(self._call(call, deadline, self._retry), on_reply)
+
+    def _first_reply(
+        self, call: list[EncodableT], deadline: float, on_reply: OnReply, reply: Any
+    ) -> None:
+        if not isinstance(reply, Exception):
+            on_reply(reply)
+        elif isinstance(reply, NoScriptError):
+            self._finish(self._call(call, deadline, None), on_reply)
+        elif isinstance(reply, RedisConnectionError) and self._retry_after_start is not None:
+            self._finish(self._call(call, deadline, self._retry_after_start), on_reply)
+        else:
+            on_reply(reply)
+
+    def _finish(self, call: Coroutine[Any, Any, Any], on_reply: OnReply) -> None:
+        task = asyncio.ensure_future(_then(call, on_reply))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, call: list[EncodableT], deadline: float, retry: Retry | None) -> Any:
+        """EVALSHA with `retry` (None: straight to EVAL), then EVAL if Redis lacks the script."""
+        if retry is not None:
+            try:
+                return await retry.call_with_retry(
+                    lambda: self._attempt(b"EVALSHA", self._sha, call, deadline), _ignore
+                )
+            except NoScriptError:
+                pass
+        # New to this Redis (or its script cache was flushed): EVAL caches it again.
+        return await self._retry.call_with_retry(
+            lambda: self._attempt(b"EVAL", self._script, call, deadline), _ignore
+        )
 
     async def close(self) -> None:
         """Stop: calls in flight and later calls fail (`PipeClosed`), nothing reconnects."""
@@ -225,6 +316,24 @@ class ScriptPipe:
             raise
         self._link = link
         return link
+
+
+async def _then(call: Coroutine[Any, Any, Any], on_reply: OnReply) -> None:
+    """Await `call` and hand its outcome to `on_reply` in the same task step.
+
+    Not in a done callback, one loop iteration later: a publisher's reply must not fall
+    behind the fan-out of its own message, which is one task step from its read.
+    """
+    try:
+        reply = await call
+    except asyncio.CancelledError:
+        # Only a worker that is stopping cancels tasks it did not make.
+        on_reply(PipeClosed("the call was cancelled: the worker is stopping"))
+        raise
+    except Exception as exc:
+        on_reply(exc)
+    else:
+        on_reply(reply)
 
 
 async def _ignore(error: Exception) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection
@@ -221,3 +223,162 @@ async def test_the_worker_publishes_through_its_own_named_connection(
         return not await asyncio.to_thread(redis_server.publish_clients, prefix + "w9")
 
     await async_wait_for(closed, what="the publish connection closed on exit")
+
+
+class Replies:
+    """What `ScriptPipe.start` handed to its callback, and from where."""
+
+    def __init__(self) -> None:
+        self.replies: list[Any] = []
+        self.from_a_task: list[bool] = []
+
+    def __call__(self, reply: Any) -> None:
+        self.replies.append(reply)
+        self.from_a_task.append(asyncio.current_task() is not None)
+
+    async def wait(self, count: int) -> list[Any]:
+        async def arrived() -> bool:
+            return len(self.replies) >= count
+
+        await async_wait_for(arrived, what=f"{count} replies")
+        return self.replies
+
+
+async def test_start_hands_each_reply_to_its_callback_from_inside_the_read(
+    redis_server: RedisServer,
+) -> None:
+    key = unique("started")
+    async with counting_pipe(redis_server.port) as pipe:
+        await pipe(keys=[key], args=["connect"])
+        replies = Replies()
+        for n in range(100):
+            pipe.start([key], [n], replies)
+        assert replies.replies == []  # never from inside `start`
+        got = await replies.wait(100)
+        assert got == [[n + 2, str(n).encode()] for n in range(100)]
+        assert not any(replies.from_a_task)  # no task step between the read and the reply
+        assert len(redis_server.clients_named("pipe-test")) == 1
+
+
+async def test_start_without_a_connection_makes_one_in_a_task(redis_server: RedisServer) -> None:
+    key = unique("unconnected")
+    async with counting_pipe(redis_server.port) as pipe:
+        replies = Replies()
+        pipe.start([key], ["first"], replies)
+        pipe.start([key], ["second"], replies)
+        assert await replies.wait(2) == [[1, b"first"], [2, b"second"]]
+        assert replies.from_a_task == [True, True]
+        # The connection made for them serves the next call from inside its read.
+        pipe.start([key], ["third"], replies)
+        assert (await replies.wait(3))[2] == [3, b"third"]
+        assert replies.from_a_task[2] is False
+
+
+async def test_start_sends_the_script_whole_when_redis_lost_it(redis_server: RedisServer) -> None:
+    key = unique("started-flushed")
+    async with counting_pipe(redis_server.port) as pipe:
+        await pipe(keys=[key], args=["a"])
+        redis_server.client().script_flush()
+        replies = Replies()
+        pipe.start([key], ["b"], replies)
+        assert await replies.wait(1) == [[2, b"b"]]
+        sha = hashlib.sha1(_COUNT.encode()).hexdigest()
+        assert redis_server.client().script_exists(sha) == [True]
+
+
+async def test_start_hands_an_error_reply_over_without_running_the_call_again(
+    redis_server: RedisServer,
+) -> None:
+    key = unique("started-wrongtype")
+    redis_server.client().set(key, "not a counter")
+    async with counting_pipe(redis_server.port) as pipe:
+        await pipe(keys=[unique("warm")], args=["connect"])
+        replies = Replies()
+        pipe.start([key], ["bad"], replies)
+        [reply] = await replies.wait(1)
+        assert isinstance(reply, ResponseError)
+        assert "not an integer" in str(reply)
+
+
+async def test_start_retries_calls_in_flight_when_the_connection_breaks(
+    redis_server: RedisServer,
+) -> None:
+    key = unique("started-dropped")
+    proxy = await RedisProxy(redis_server.port).start()
+    try:
+        async with counting_pipe(proxy.port) as pipe:
+            await pipe(keys=[key], args=["connect"])
+            proxy.arm(b"lost-reply")
+            replies = Replies()
+            pipe.start([key], ["lost-reply"], replies)
+            pipe.start([key], ["behind it"], replies)
+
+            async def both_ran() -> bool:
+                return await asyncio.to_thread(redis_server.client().get, key) == b"3"
+
+            await async_wait_for(both_ran, what="Redis ran both")
+            proxy.cut()
+            got = await replies.wait(2)
+            assert [arg for _, arg in got] == [b"lost-reply", b"behind it"]
+            assert sorted(count for count, _ in got) == [4, 5]  # run again, each once
+    finally:
+        await proxy.close()
+
+
+async def test_start_counts_its_own_write_as_the_first_attempt(
+    redis_server: RedisServer,
+) -> None:
+    # With no retries allowed, a call whose connection breaks fails: the write `start`
+    # made was its one attempt.
+    key = unique("started-no-retry")
+    proxy = await RedisProxy(redis_server.port).start()
+    pipe = ScriptPipe(
+        _COUNT,
+        lambda: Connection(port=proxy.port, protocol=2, client_name="pipe-test"),
+        timeout=5.0,
+        retry=Retry(NoBackoff(), 0, supported_errors=(RedisConnectionError,)),
+    )
+    try:
+        await pipe(keys=[key], args=["connect"])
+        proxy.arm(b"lost-reply")
+        replies = Replies()
+        pipe.start([key], ["lost-reply"], replies)
+
+        async def ran() -> bool:
+            return await asyncio.to_thread(redis_server.client().get, key) == b"2"
+
+        await async_wait_for(ran, what="Redis ran it")
+        proxy.cut()
+        [reply] = await replies.wait(1)
+        assert isinstance(reply, RedisConnectionError)
+        assert redis_server.client().get(key) == b"2"  # not run again
+    finally:
+        await pipe.close()
+        await proxy.close()
+
+
+async def test_a_callback_that_raises_is_logged_and_the_connection_carries_on(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = unique("started-raises")
+
+    def broken(reply: Any) -> None:
+        raise RuntimeError("a bug in the caller")
+
+    async with counting_pipe(redis_server.port) as pipe:
+        await pipe(keys=[key], args=["connect"])
+        [before] = redis_server.clients_named("pipe-test")
+        with caplog.at_level(logging.ERROR, logger="service.broker.redis_pipe"):
+            pipe.start([key], ["raises"], broken)
+            assert await pipe(keys=[key], args=["next"]) == [3, b"next"]
+        assert "a callback for a Redis reply failed" in caplog.text
+        assert [c["id"] for c in redis_server.clients_named("pipe-test")] == [before["id"]]
+
+
+async def test_start_on_a_closed_pipe_reports_it_closed(redis_server: RedisServer) -> None:
+    async with counting_pipe(redis_server.port) as pipe:
+        await pipe(keys=[unique("k")], args=["connect"])
+    replies = Replies()
+    pipe.start([unique("k")], ["after close"], replies)
+    [reply] = await replies.wait(1)
+    assert isinstance(reply, PipeClosed)
