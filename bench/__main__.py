@@ -63,11 +63,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "measure what the topology itself costs on this machine (not the storm scenario)",
     )
     parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="run every second worker (1, 3, ...) from another checkout of this project, "
+        "the others from this one, and report each side's CPU and their ratio: two "
+        "versions measured in the same run, on the same machine at the same moment",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default bench/results/<time>)"
     )
     args = parser.parse_args(argv)
     if args.floor and args.uvicorn:
         parser.error("--floor runs no uvicorn: leave out --uvicorn")
+    if args.compare is not None:
+        if args.floor:
+            parser.error("--floor runs no service: leave out --compare")
+        if args.workers < 2 or args.workers % 2:
+            parser.error("--compare needs an even number of workers (two sides, same load)")
+        args.compare = args.compare.resolve()
+        if not (args.compare / "service" / "__main__.py").is_file():
+            parser.error(f"--compare: no service/__main__.py in {args.compare}")
     if args.floor and any(i.split("=", 1)[0].upper() == "WS_PER_MESSAGE_DEFLATE" for i in args.set):
         parser.error("--floor never compresses: leave out WS_PER_MESSAGE_DEFLATE")
     if args.scenarios is None:
@@ -114,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             out / scenario.name,
             uvicorn_overrides,
             floor=args.floor,
+            compare=args.compare,
         )
         measurements.append(measurement)
         print(f"      done in {time.monotonic() - started:.0f} s", flush=True)
@@ -121,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor:
         print("THE FLOOR (bench/floor.py), not the service: what the topology itself costs")
     print(report.table(measurements))
+    if args.compare is not None:
+        print()
+        print(report.comparison(measurements, args.compare))
     document_settings = {
         "workers": args.workers,
         **settings,
         "uvicorn": uvicorn_overrides,
         "floor": args.floor,
+        "compare": None if args.compare is None else str(args.compare),
     }
     report.write_json(measurements, out / "results.json", document_settings)
     report.plot(measurements, out / "plot.png")

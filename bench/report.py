@@ -78,6 +78,25 @@ def table(measurements: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def comparison(measurements: list[Measurement], other: Path) -> str:
+    """`--compare`: each side's worker CPU per scenario, and the other side's over this one's.
+
+    Both sides served the same load at the same time (the generator spreads clients
+    round-robin), so the machine's changes of speed cancel out of the ratio.
+    """
+    lines = [
+        f"COMPARED: workers 0, 2, ... ran this checkout; workers 1, 3, ... ran {other}",
+        f"{'scenario':<12}  {'this s':>8}  {'other s':>8}  other/this",
+    ]
+    for m in measurements:
+        this, that = m.worker_cpu_each[0::2], m.worker_cpu_each[1::2]
+        if not this or sum(this) <= 0:
+            continue
+        ratio = sum(that) / sum(this)
+        lines.append(f"{m.scenario.name:<12}  {sum(this):>8.2f}  {sum(that):>8.2f}  {ratio:.3f}")
+    return "\n".join(lines)
+
+
 def write_json(measurements: list[Measurement], path: Path, settings: dict[str, Any]) -> None:
     """Every figure, the generator's raw results included."""
     document = {
@@ -99,6 +118,7 @@ def write_json(measurements: list[Measurement], path: Path, settings: dict[str, 
                 "wall_s": m.wall_s,
                 "worker_rss_before": m.worker_rss_before,
                 "worker_rss_loaded": m.worker_rss_loaded,
+                "worker_cpu_s_each": m.worker_cpu_each,
                 "loadgen": m.result,
             }
             for m in measurements

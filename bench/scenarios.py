@@ -129,6 +129,8 @@ class Measurement:
     wall_s: float = 0.0
     worker_rss_before: int = 0
     worker_rss_loaded: int = 0
+    # Each worker's share of `worker_cpu_s`, in worker order.
+    worker_cpu_each: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -176,19 +178,26 @@ def run(
     uvicorn_overrides: dict[str, str] | None = None,
     *,
     floor: bool = False,
+    compare: Path | None = None,
 ) -> Measurement:
     """Start fresh servers, drive them through `scenario`, stop them; the measurement.
 
-    With `floor`, the workers are bench/floor.py's, not the service's.
+    With `floor`, the workers are bench/floor.py's, not the service's; with `compare`,
+    every second one is the service of that checkout.
     """
-    with Servers(workdir, workers, worker_env, uvicorn_overrides, floor=floor) as servers:
+    servers_of = Servers(
+        workdir, workers, worker_env, uvicorn_overrides, floor=floor, compare=compare
+    )
+    with servers_of as servers:
         measurement = Measurement(scenario, workers, {})
         marks: dict[str, tuple[float, float, float]] = {}
+        each: dict[str, list[float]] = {}
 
         def mark(name: str) -> None:
             servers.check_alive()
             redis = servers.redis
             assert redis is not None
+            each[name] = servers.worker_cpu_seconds()
             marks[name] = (time.monotonic(), servers.cpu_seconds(), cpu_seconds(redis.pid))
 
         def ready() -> None:
@@ -224,5 +233,8 @@ def run(
             measurement.server_cpu_s = cpu1 - cpu0
             measurement.redis_cpu_s = redis1 - redis0
             measurement.worker_cpu_s = measurement.server_cpu_s - measurement.redis_cpu_s
+            measurement.worker_cpu_each = [
+                end - start for start, end in zip(each["start"], each["end"], strict=True)
+            ]
         servers.check_alive()
         return measurement

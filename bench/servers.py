@@ -90,7 +90,9 @@ class Process:
 class Servers:
     """redis-server plus `workers` worker processes, started with `worker_env`.
 
-    With `floor`, the workers are bench/floor.py's instead of the service's.
+    With `floor`, the workers are bench/floor.py's instead of the service's. With
+    `compare` (a checkout of this project), the odd-numbered workers import the service
+    from there.
     """
 
     def __init__(
@@ -101,12 +103,14 @@ class Servers:
         uvicorn_overrides: dict[str, str] | None = None,
         *,
         floor: bool = False,
+        compare: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.worker_count = workers
         self.worker_env = worker_env
         self.uvicorn_overrides = uvicorn_overrides or {}
         self.floor = floor
+        self.compare = compare
         self.redis: Process | None = None
         self.workers: list[Process] = []
         self.ports: list[int] = []
@@ -136,6 +140,10 @@ class Servers:
     def cpu_seconds(self) -> float:
         """CPU time all server processes have used so far."""
         return sum(cpu_seconds(p.pid) for p in self.processes)
+
+    def worker_cpu_seconds(self) -> list[float]:
+        """CPU time each worker has used so far, in worker order."""
+        return [cpu_seconds(p.pid) for p in self.workers]
 
     def worker_rss(self) -> int:
         """Resident memory of all workers now."""
@@ -203,7 +211,12 @@ class Servers:
                 command = [sys.executable, "-m", "bench.worker", overrides, *flags]
             else:
                 command = [sys.executable, "-m", "service", *flags]
-            self.workers.append(self._start(f"worker-{n}", command, env))
+            worker_env = env
+            if self.compare is not None and n % 2:
+                # Found first on the path: this worker's `service` is the other checkout's.
+                path = [str(self.compare), env.get("PYTHONPATH", "")]
+                worker_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+            self.workers.append(self._start(f"worker-{n}", command, worker_env))
         for worker, port in zip(self.workers, self.ports, strict=True):
 
             def ready(worker: Process = worker, port: int = port) -> bool:

@@ -11,6 +11,10 @@ delivers that first, skipping the live copies that follow; and a member that res
 `since` an id joins with a buffer, reads history, and is switched to live delivery in
 one synchronous step, so that it sees every message once.
 
+With Redis, a message that finds the pump idle (nothing queued, nothing under way) is
+fanned out from inside the broker's read instead, by the same code: no task step per
+message. Whatever finds the pump busy waits for it in the subscription's queue.
+
 A channel with more local members than `fanout_chunk` gets each message in chunks,
 with a turn of the event loop between them, so that one message to a huge channel does
 not hold every other connection of the worker for long. The pump finishes a message
@@ -25,6 +29,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from service.broker import (
@@ -117,6 +122,7 @@ class _Channel:
         "pending",
         "position",
         "pump",
+        "pumping",
         "stack",
     )
 
@@ -136,6 +142,9 @@ class _Channel:
         self.lock = asyncio.Lock()
         self.stack: AsyncExitStack | None = None
         self.pump: asyncio.Task[None] | None = None
+        # True while the pump handles a message (between `get` and the next `get`): a
+        # message may then not be fanned out from the broker's read.
+        self.pumping = False
         self.drop_task: asyncio.Task[None] | None = None
         # The fan-out under way while it is split over several turns of the event loop.
         self.fanout: _FanOut | None = None
@@ -331,7 +340,9 @@ class Hub:
 
     async def _open(self, channel: _Channel) -> None:
         stack = AsyncExitStack()
-        subscription = await stack.enter_async_context(self._broker.subscribe(channel.name))
+        subscription = await stack.enter_async_context(
+            self._broker.subscribe(channel.name, partial(self._take, channel))
+        )
         try:
             # Read after the subscription is confirmed: every later message arrives live.
             channel.position = (await self._broker.history_latest(channel.name, 0)).position
@@ -378,23 +389,60 @@ class Hub:
                 event = await subscription.get()
             except Unsubscribed:
                 return
-            frame = event.message
-            if frame == SUBSCRIPTION_INTERRUPTED:
-                for missed in await self._catch_up(channel):
-                    await self._forward(channel, missed)
-            else:
-                await self._forward(channel, frame)
+            channel.pumping = True
+            try:
+                frame = event.message
+                if frame == SUBSCRIPTION_INTERRUPTED:
+                    for missed in await self._catch_up(channel):
+                        await self._forward(channel, missed)
+                else:
+                    await self._forward(channel, frame)
+            finally:
+                channel.pumping = False
+
+    def _take(self, channel: _Channel, frame: str) -> bool:
+        """Fan `frame` out now, from inside the broker's read, if the pump is idle.
+
+        False leaves it to the pump: while it handles a message (a catch-up, a fan-out in
+        chunks), before it runs, for a channel too big for one chunk, and for the news
+        of an interrupted subscription (the pump reads history for it).
+        """
+        if (
+            frame == SUBSCRIPTION_INTERRUPTED
+            or channel.pumping
+            or channel.pump is None
+            or len(channel.members) + len(channel.pending) > self._fanout_chunk
+        ):
+            return False
+        try:
+            in_history = self._advance(channel, frame)
+            if in_history is not None:
+                members = self._audience(channel, in_history)
+                self._deliver(channel, frame, members)
+                if self._on_fanout is not None:
+                    self._on_fanout(len(members))
+        except Exception:
+            # Raised into the broker's read, it would end every channel's subscription.
+            logger.exception("fanning out a message of %r failed", channel.name)
+        return True
 
     async def _forward(self, channel: _Channel, frame: str) -> None:
+        in_history = self._advance(channel, frame)
+        if in_history is not None:
+            await self._fan_out(channel, frame, in_history=in_history)
+
+    def _advance(self, channel: _Channel, frame: str) -> bool | None:
+        """Move the channel's position to `frame`'s: is it in history? None: skip it."""
         position = position_of(frame, channel.head)
-        if position is not None:
-            last = channel.position
-            if last is not None and last.covers(position):
-                return  # already delivered from history by a catch-up
-            channel.position = position
-            if channel.pending:
-                self._promote(channel, position)
-        await self._fan_out(channel, frame, in_history=position is not None)
+        if position is None:
+            return False  # join, leave, gap: not in history
+        last = channel.position
+        if last is not None and last.covers(position):
+            return None  # already delivered from history by a catch-up
+        channel.position = position
+        if channel.pending:
+            self._promote(channel, position)
+        return True
 
     def _promote(self, channel: _Channel, position: Position) -> None:
         """Make plain members of the resumed members for whom `position` is new."""
@@ -403,13 +451,19 @@ class Hub:
                 del channel.pending[member]
                 channel.members.add(member)
 
-    async def _fan_out(self, channel: _Channel, frame: str, *, in_history: bool) -> None:
-        # A snapshot: delivering may close a slow member, which leaves the channel.
-        # Resumed members still waiting for the pump to pass their horizon get only the
-        # frames that are not in history (join, leave, gap).
+    def _audience(self, channel: _Channel, in_history: bool) -> tuple[Member, ...]:
+        """Who gets a message: a snapshot, as delivering may close a member (it leaves).
+
+        Resumed members still waiting for the pump to pass their horizon get only the
+        frames that are not in history (join, leave, gap).
+        """
         members = tuple(channel.members)
         if channel.pending and not in_history:
             members += tuple(channel.pending)
+        return members
+
+    async def _fan_out(self, channel: _Channel, frame: str, *, in_history: bool) -> None:
+        members = self._audience(channel, in_history)
         chunk = self._fanout_chunk
         if len(members) <= chunk:
             self._deliver(channel, frame, members)

@@ -10,7 +10,7 @@ call goes to the history store (`RedisHistory`, or `MemoryHistory` for memory://
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +30,10 @@ __all__ = ["Broker", "HistoryRead", "Position", "Readiness", "Subscription", "Un
 _READINESS_PING_TIMEOUT = 2.0
 
 Subscription = Subscriber
+
+#: Takes a message from inside the Redis read; False: queue it for the subscription.
+#: It must not raise: the read it runs in serves every channel of the worker.
+Taker = Callable[[str], bool]
 
 
 class _HistoryStore(Protocol):
@@ -91,16 +95,29 @@ class _Broadcast(Broadcast):
 
     broadcaster passes each message from the backend to a listener task, which puts it
     into each subscriber's queue: a task step per message. `dispatch` does the same
-    `put` from inside the reader's read. It reads broadcaster's subscriber sets, one
-    of the internals that pin broadcaster to 0.3.1 (pyproject.toml).
+    `put` from inside the reader's read, and hands the message straight to a subscriber
+    that takes messages at once (`takers`) when nothing waits in its queue: no task step
+    at all. It reads broadcaster's subscriber sets and a subscriber's queue, internals
+    that pin broadcaster to 0.3.1 (pyproject.toml).
     """
 
+    def __init__(self, *, backend: RedisBackend) -> None:
+        super().__init__(backend=backend)
+        #: A subscriber's queue -> what takes its messages at once (see `Taker`).
+        self.takers: dict[asyncio.Queue[Event | None], Taker] = {}
+
     def dispatch(self, event: Event) -> bool:
-        """Queue `event` for its channel's subscribers; False if there are none (yet)."""
+        """Hand `event` to its channel's subscribers; False if there are none (yet)."""
         queues = self._subscribers.get(event.channel)
         if not queues:
             return False
+        takers = self.takers
         for queue in queues:
+            # Only with nothing queued before it: a message never overtakes another.
+            if takers and queue.empty():
+                take = takers.get(queue)
+                if take is not None and take(event.message):
+                    continue
             queue.put_nowait(event)  # unbounded (broadcaster's): never raises QueueFull
         return True
 
@@ -187,12 +204,28 @@ class Broker:
         await self._broadcast.publish(channel, frame)
 
     @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[Subscription]:
-        """Subscribe to `channel` until the block exits; Redis has confirmed it on entry."""
+    async def subscribe(
+        self, channel: str, take: Taker | None = None
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to `channel` until the block exits; Redis has confirmed it on entry.
+
+        With `take`, a message that arrives while nothing waits in the subscription's
+        queue is offered to it first, from inside the Redis read (Redis only); what it
+        refuses is queued.
+        """
         async with self._broadcast.subscribe(channel) as subscriber:
             if self._redis is not None:
                 await self._redis.wait_subscribed(channel)
-            yield subscriber
+            broadcast = self._broadcast
+            if take is None or not isinstance(broadcast, _Broadcast):
+                yield subscriber
+                return
+            queue = subscriber._queue  # broadcaster 0.3.1's Subscriber
+            broadcast.takers[queue] = take
+            try:
+                yield subscriber
+            finally:
+                del broadcast.takers[queue]
 
     async def wait_live(self, channel: str) -> None:
         """Wait until this worker's subscription to `channel` is confirmed (normally at once).

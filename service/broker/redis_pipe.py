@@ -34,7 +34,7 @@ import copy
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -208,11 +208,14 @@ class ScriptPipe:
         """Run the script without waiting: `on_reply` gets the reply, or the exception.
 
         The outcome is what `await pipe(keys, args)` would return or raise, and it comes
-        later, never from inside this call. With the connection up, the EVALSHA is written
-        now and `on_reply` is called from inside the read that brings its reply. If that
-        attempt fails on the connection, the call is retried at once as `__call__` would,
-        in a task, within the same deadline and with the attempt counted; if Redis lacks
-        the script, EVAL follows. Without a usable connection, all of it runs in a task.
+        later, never from inside this call. A reply is always handed over from inside the
+        read that brought it: the publishing session's answer then goes out no later
+        than a fan-out of the message from that worker's pub/sub read (service/hub.py).
+        With the connection up, the EVALSHA is written now. If that attempt fails on the
+        connection, the call is retried at once as `__call__` would, in a task, within
+        the same deadline and with the attempt counted; if Redis lacks the script, EVAL
+        follows. Without a usable connection, all of it runs in a task. Errors come
+        from that task.
         """
         call = [len(keys), *keys, *args]
         link = self._link
@@ -225,7 +228,7 @@ class ScriptPipe:
             except RedisError:
                 pass  # the link closed itself and nothing was written: the path below
         deadline = asyncio.get_running_loop().time() + self._timeout
-        self._finish(self._call(call, deadline, self._retry), on_reply)
+        self._finish(call, deadline, self._retry, on_reply)
 
     def _first_reply(
         self, call: list[EncodableT], deadline: float, on_reply: OnReply, reply: Any
@@ -233,29 +236,54 @@ class ScriptPipe:
         if not isinstance(reply, Exception):
             on_reply(reply)
         elif isinstance(reply, NoScriptError):
-            self._finish(self._call(call, deadline, None), on_reply)
+            self._finish(call, deadline, None, on_reply)
         elif isinstance(reply, RedisConnectionError) and self._retry_after_start is not None:
-            self._finish(self._call(call, deadline, self._retry_after_start), on_reply)
+            self._finish(call, deadline, self._retry_after_start, on_reply)
         else:
             on_reply(reply)
 
-    def _finish(self, call: Coroutine[Any, Any, Any], on_reply: OnReply) -> None:
-        task = asyncio.ensure_future(_then(call, on_reply))
+    def _finish(
+        self, call: list[EncodableT], deadline: float, retry: Retry | None, on_reply: OnReply
+    ) -> None:
+        """The rest of a `start` call, in a task: replies still go out from their read."""
+        task = asyncio.ensure_future(self._call_then(call, deadline, retry, on_reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call(self, call: list[EncodableT], deadline: float, retry: Retry | None) -> Any:
-        """EVALSHA with `retry` (None: straight to EVAL), then EVAL if Redis lacks the script."""
+    async def _call_then(
+        self, call: list[EncodableT], deadline: float, retry: Retry | None, on_reply: OnReply
+    ) -> None:
+        try:
+            await self._call(call, deadline, retry, on_reply)
+        except asyncio.CancelledError:
+            # Only a worker that is stopping cancels tasks it did not make.
+            on_reply(PipeClosed("the call was cancelled: the worker is stopping"))
+            raise
+        except Exception as exc:
+            on_reply(exc)
+
+    async def _call(
+        self,
+        call: list[EncodableT],
+        deadline: float,
+        retry: Retry | None,
+        on_reply: OnReply | None = None,
+    ) -> Any:
+        """EVALSHA with `retry` (None: straight to EVAL), then EVAL if Redis lacks the script.
+
+        With `on_reply`, the reply goes to it from inside its read, and this returns None.
+        """
         if retry is not None:
             try:
                 return await retry.call_with_retry(
-                    lambda: self._attempt(b"EVALSHA", self._sha, call, deadline), _ignore
+                    lambda: self._attempt(b"EVALSHA", self._sha, call, deadline, on_reply),
+                    _ignore,
                 )
             except NoScriptError:
                 pass
         # New to this Redis (or its script cache was flushed): EVAL caches it again.
         return await self._retry.call_with_retry(
-            lambda: self._attempt(b"EVAL", self._script, call, deadline), _ignore
+            lambda: self._attempt(b"EVAL", self._script, call, deadline, on_reply), _ignore
         )
 
     async def close(self) -> None:
@@ -268,7 +296,12 @@ class ScriptPipe:
             await link.conn.disconnect(nowait=True)
 
     async def _attempt(
-        self, command: bytes, script: bytes, call: list[EncodableT], deadline: float
+        self,
+        command: bytes,
+        script: bytes,
+        call: list[EncodableT],
+        deadline: float,
+        on_reply: OnReply | None,
     ) -> Any:
         if self._closed:
             raise PipeClosed("the publish connection was closed")
@@ -284,7 +317,14 @@ class ScriptPipe:
                 raise RedisTimeoutError(message) from None
         # hiredis's stub types the argument as a tuple of one item; it takes any number.
         packed = hiredis.pack_command((command, script, *call))  # type: ignore[arg-type]
-        return await link.send(packed)
+        if on_reply is None:
+            return await link.send(packed)
+        # A reply goes to `on_reply` from inside its read; an error fails this attempt,
+        # for the retry policy to judge.
+        attempt = link.loop.create_future()
+        link.send_then(packed, partial(_hand_over, attempt, on_reply))
+        await attempt
+        return None
 
     async def _connect(self) -> _Link:
         # Every caller waits for the same attempt (shielded: one caller giving up does
@@ -318,21 +358,14 @@ class ScriptPipe:
         return link
 
 
-async def _then(call: Coroutine[Any, Any, Any], on_reply: OnReply) -> None:
-    """Await `call` and hand its outcome to `on_reply` in the same task step.
-
-    Not in a done callback, one loop iteration later: a publisher's reply must not fall
-    behind the fan-out of its own message, which is one task step from its read.
-    """
-    try:
-        reply = await call
-    except asyncio.CancelledError:
-        # Only a worker that is stopping cancels tasks it did not make.
-        on_reply(PipeClosed("the call was cancelled: the worker is stopping"))
-        raise
-    except Exception as exc:
-        on_reply(exc)
+def _hand_over(attempt: asyncio.Future[None], on_reply: OnReply, reply: Any) -> None:
+    """A reply to `on_reply` at once, an error to the attempt that waits for it."""
+    if attempt.done():
+        return  # its task was cancelled (the worker stops): the reply is nobody's now
+    if isinstance(reply, Exception):
+        attempt.set_exception(reply)
     else:
+        attempt.set_result(None)
         on_reply(reply)
 
 

@@ -8,6 +8,7 @@ benchmark's business (docs/performance.md), never a test's.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,32 @@ def test_the_floor_runs_in_place_of_the_service(tmp_path: Path) -> None:
         assert "floor worker" in log
         assert "Uvicorn" not in log
         assert "Traceback" not in log
+
+
+def test_the_benchmark_compares_two_checkouts_in_one_run(tmp_path: Path) -> None:
+    """`--compare` runs every second worker from another checkout, and reports both sides."""
+    other = tmp_path / "other"
+    shutil.copytree(REPO / "service", other / "service")
+    # A mark only the other checkout's workers print.
+    main = other / "service" / "__main__.py"
+    source = main.read_text()
+    main.write_text(
+        source.replace('if __name__ == "__main__":', MARK + '\nif __name__ == "__main__":')
+    )
+    out = tmp_path / "bench"
+    result = run_bench("--scenarios", "channels", "--compare", str(other), "--out", str(out))
+    assert f"workers 1, 3, ... ran {other}" in result.stdout
+    document = json.loads((out / "results.json").read_text())
+    assert document["settings"]["compare"] == str(other)
+    [scenario] = document["scenarios"]
+    assert (scenario["summary"]["lost"], scenario["summary"]["duplicates"]) == (0, 0)
+    each = scenario["worker_cpu_s_each"]
+    assert len(each) == 2
+    assert all(seconds > 0 for seconds in each)
+    assert sum(each) == pytest.approx(scenario["worker_cpu_s"])
+    logs = {log.name: log.read_text() for log in (out / "channels").glob("worker-*.log")}
+    assert "compare checkout" not in logs["worker-0.log"]
+    assert "compare checkout" in logs["worker-1.log"]
+
+
+MARK = 'print("compare checkout", flush=True)'

@@ -1,7 +1,8 @@
-"""The hub on a real redis-server, whose reader puts each message into the channel's
-queue from inside the read that brought it (the broker's `dispatch`): bursts, big
-channels fanned out in chunks with members resuming meanwhile, and a catch-up after
-the pub/sub connection broke, each with every message once and in order.
+"""The hub on a real redis-server, whose reader hands each message on from inside the
+read that brought it (the broker's `dispatch`): fanned out there when the channel's
+pump is idle, queued for the pump otherwise. Bursts, channels fanned out in chunks or
+at once with members resuming meanwhile, and a catch-up after the pub/sub connection
+broke, each with every message once and in order.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.frames: list[str] = []
+        # Per frame: the task that delivered it (None: from inside a read).
+        self.tasks: list[str | None] = []
 
     def deliver(self, frame: str) -> None:
         self.frames.append(frame)
+        task = asyncio.current_task()
+        self.tasks.append(None if task is None else task.get_name())
 
     def deliver_backlog(self, frames: list[str]) -> None:
         self.frames.extend(frames)
@@ -66,12 +71,35 @@ async def test_a_burst_reaches_every_member_once_and_in_order(broker: Broker) ->
     await hub.close()
 
 
-async def test_a_channel_bigger_than_a_chunk_goes_through_the_pump_with_resumes(
-    broker: Broker,
+async def test_an_idle_pump_leaves_the_fan_out_to_the_read(broker: Broker) -> None:
+    hub = Hub(broker, linger=0, fanout_chunk=3)
+    small, big = Recorder(), [Recorder() for _ in range(4)]
+    await hub.join("small", small)
+    for member in big:
+        await hub.join("big", member)
+    for n in range(10):
+        await broker.publish("small", str(n).encode())
+        await broker.publish("big", str(n).encode())
+
+    async def all_arrived() -> bool:
+        return len(small.frames) == 10 and all(len(m.frames) == 10 for m in big)
+
+    await async_wait_for(all_arrived, what="10 messages to each member")
+    # One at a time, each found the small channel's pump idle: no task step.
+    assert small.tasks == [None] * 10
+    # More members than a chunk holds: the pump fans out, in chunks.
+    assert all(m.tasks == ["pump:big"] * 10 for m in big)
+    await hub.close()
+
+
+# Big: each message is fanned out over several turns of the loop by the pump, and
+# messages arriving meanwhile queue behind it. Small: a message that finds the pump
+# idle is fanned out from inside the Redis read, one that finds it busy (a resume's
+# catch-up, an earlier message) waits for it.
+@pytest.mark.parametrize(("chunk", "size"), [(3, 40), (1000, 5)], ids=["big", "small"])
+async def test_members_resuming_meanwhile_get_every_message_once(
+    broker: Broker, chunk: int, size: int
 ) -> None:
-    # Each message is fanned out over several turns of the loop; messages arriving
-    # meanwhile queue behind it, and members resuming between the chunks get every
-    # message exactly once.
     read_history = broker.history_after
     turns = random.Random(11)
 
@@ -82,8 +110,8 @@ async def test_a_channel_bigger_than_a_chunk_goes_through_the_pump_with_resumes(
         return read
 
     broker.history_after = read_then_dawdle  # type: ignore[method-assign]
-    hub = Hub(broker, linger=0, fanout_chunk=3)
-    crowd = [Recorder() for _ in range(40)]  # 14 chunks a message
+    hub = Hub(broker, linger=0, fanout_chunk=chunk)
+    crowd = [Recorder() for _ in range(size)]  # big: 14 chunks a message
     for member in crowd:
         await hub.join("big", member)
     stop = asyncio.Event()

@@ -260,18 +260,19 @@ async def test_start_hands_each_reply_to_its_callback_from_inside_the_read(
         assert len(redis_server.clients_named("pipe-test")) == 1
 
 
-async def test_start_without_a_connection_makes_one_in_a_task(redis_server: RedisServer) -> None:
+async def test_start_without_a_connection_makes_one_and_replies_from_its_read(
+    redis_server: RedisServer,
+) -> None:
     key = unique("unconnected")
     async with counting_pipe(redis_server.port) as pipe:
         replies = Replies()
         pipe.start([key], ["first"], replies)
         pipe.start([key], ["second"], replies)
+        assert replies.replies == []
         assert await replies.wait(2) == [[1, b"first"], [2, b"second"]]
-        assert replies.from_a_task == [True, True]
-        # The connection made for them serves the next call from inside its read.
-        pipe.start([key], ["third"], replies)
-        assert (await replies.wait(3))[2] == [3, b"third"]
-        assert replies.from_a_task[2] is False
+        # Connected in a task, yet each reply was handed over from inside its read.
+        assert replies.from_a_task == [False, False]
+        assert len(redis_server.clients_named("pipe-test")) == 1
 
 
 async def test_start_sends_the_script_whole_when_redis_lost_it(redis_server: RedisServer) -> None:
@@ -284,6 +285,7 @@ async def test_start_sends_the_script_whole_when_redis_lost_it(redis_server: Red
         assert await replies.wait(1) == [[2, b"b"]]
         sha = hashlib.sha1(_COUNT.encode()).hexdigest()
         assert redis_server.client().script_exists(sha) == [True]
+        assert replies.from_a_task == [False]  # the EVAL's reply too
 
 
 async def test_start_hands_an_error_reply_over_without_running_the_call_again(
@@ -321,6 +323,7 @@ async def test_start_retries_calls_in_flight_when_the_connection_breaks(
             got = await replies.wait(2)
             assert [arg for _, arg in got] == [b"lost-reply", b"behind it"]
             assert sorted(count for count, _ in got) == [4, 5]  # run again, each once
+            assert replies.from_a_task == [False, False]  # retried, still from the read
     finally:
         await proxy.close()
 

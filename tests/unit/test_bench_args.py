@@ -1,10 +1,15 @@
-"""The benchmark's command line: what `--floor` refuses, and its default scenarios."""
+"""The benchmark's command line: what `--floor` and `--compare` refuse, and the default
+scenarios."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from bench.__main__ import parse_args
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -27,3 +32,22 @@ def test_the_floor_runs_every_scenario_but_storm_by_default() -> None:
     service = parse_args([]).scenarios.split(",")
     assert "storm" in service
     assert floor == [name for name in service if name != "storm"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--floor"],  # the floor runs no service
+        ["--workers", "3"],  # the two sides must carry the same load
+        ["--workers", "1"],
+    ],
+)
+def test_compare_refuses_what_it_cannot_measure(extra: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--compare", str(REPO), *extra])
+
+
+def test_compare_needs_a_checkout_of_this_project(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--compare", str(tmp_path)])
+    assert parse_args(["--compare", str(REPO)]).compare == REPO
