@@ -161,21 +161,34 @@ class Connection:
         """Handle one text frame from the client."""
 
     def handle_text_now(self, text: str) -> bool:
-        """Handle one text frame from inside the read, if it can be; False: `handle_text`.
+        """Handle one text frame from inside uvicorn's read, if it can be; else False.
 
-        Only while `_may_handle_now()`: anything else would overtake a command under way.
+        Only while nothing else is under way (the read loop's command, one taken from the
+        read before, a close): anything else would overtake it. False leaves the frame
+        to uvicorn's queue and `handle_text`, in order.
         """
-        return False
+        if (
+            self._reader is None
+            or self._busy
+            or self._held
+            or self._closing is not None
+            or self._stop
+        ):
+            return False
+        try:
+            taken = self._handle_now(text)
+        except Exception:
+            # As when a command raises in the read loop: logged, closed with 1011.
+            logger.exception("connection task failed")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return True
+        if taken:
+            self._metrics.received_in_read += 1
+        return taken
 
-    def _may_handle_now(self) -> bool:
-        """True if a frame taken from the read now would be handled in its turn."""
-        return (
-            self._reader is not None
-            and not self._busy
-            and not self._held
-            and self._closing is None
-            and not self._stop
-        )
+    def _handle_now(self, text: str) -> bool:
+        """What a session handles without waiting; False leaves `text` to `handle_text`."""
+        return False
 
     def _hold(self) -> None:
         """A command taken from the read goes on after it returned: the read loop waits."""

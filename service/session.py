@@ -188,10 +188,8 @@ class _ChannelSession(Connection):
 class Session(_ChannelSession):
     """`/ws`: a client speaking protocol v1 (subscribe, unsubscribe, publish, ping)."""
 
-    def handle_text_now(self, text: str) -> bool:
+    def _handle_now(self, text: str) -> bool:
         """Publish and ping from inside the read; the other commands need the read loop."""
-        if not self._may_handle_now():
-            return False
         try:
             command = parse_command(text, self._rt.limits)
             match command:
@@ -204,7 +202,6 @@ class Session(_ChannelSession):
                     return False  # parsed again by `handle_text`: rare, and cheap
         except ServiceError as exc:
             self.send_error(exc)
-        self._rt.metrics.received_in_read += 1
         return True
 
     async def handle_text(self, text: str) -> None:
@@ -319,17 +316,14 @@ class SimpleSession(_ChannelSession):
             self.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable, retry later")
         await super().run()
 
-    def handle_text_now(self, text: str) -> bool:
-        """Publish the frame's text from inside the read, when nothing else is under way."""
-        if not self._may_handle_now():
-            return False
+    def _handle_now(self, text: str) -> bool:
+        """Publish the frame's text from inside the read."""
         try:
             data = encode_json_value(text, self._rt.limits, "message", None)
             self._may_publish(self._channel, None)
             self._publish_now(self._channel, data, None, ack=False)
         except ServiceError as exc:
             self.send_error(exc)
-        self._rt.metrics.received_in_read += 1
         return True
 
     async def handle_text(self, text: str) -> None:

@@ -1,4 +1,5 @@
-"""The outbox's limits, and the room a resume's backlog gets above them."""
+"""The outbox's limits, the room a resume's backlog gets above them, and frames taken
+from inside the read in their turn."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from service.connection import Connection
 from service.metrics import Metrics
+from service.protocol.codes import CloseCode
+from tests.helpers import async_wait_for
 
 Outbox = Callable[..., Connection]
 
@@ -104,3 +107,83 @@ async def test_a_second_stop_does_not_cancel_the_read_loop_again() -> None:
     connection.overwhelmed()  # and a burst overflows the outbox
     await asyncio.wait_for(running, 5)  # returns, no CancelledError
     assert connection.closing
+
+
+class Taking(Connection):
+    """Takes every text frame from the read and holds it until `finish`; or raises."""
+
+    def __init__(self, websocket: Any, *, raises: bool = False) -> None:
+        super().__init__(
+            websocket, max_messages=10, max_chars=1000, close_timeout=1, metrics=Metrics()
+        )
+        self.raises = raises
+        self.taken: list[str] = []
+        self.handled: list[str] = []
+
+    def _handle_now(self, text: str) -> bool:
+        if self.raises:
+            raise RuntimeError("a bug in a command")
+        self.taken.append(text)
+        self._hold()
+        return True
+
+    def finish(self) -> None:
+        self._release_hold()
+
+    async def handle_text(self, text: str) -> None:
+        self.handled.append(text)
+
+
+async def reading(connection: Connection) -> asyncio.Task[None]:
+    """`connection.run()` in a task, once its read loop is waiting in `receive()`."""
+    running = asyncio.create_task(connection.run())
+    for _ in range(100):
+        if connection._reader is not None:
+            return running
+        await asyncio.sleep(0)
+    raise AssertionError("the read loop did not start")
+
+
+async def test_frames_are_taken_from_the_read_only_while_nothing_is_under_way() -> None:
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    websocket: Any = SimpleNamespace(scope={}, _send=None, receive=received.get)
+    connection = Taking(websocket)
+    assert not connection.handle_text_now("before the read loop")  # not reading yet
+    running = await reading(connection)
+    assert connection.handle_text_now("first")
+    # Held: the next frame goes uvicorn's way, and the read loop waits for the first.
+    assert not connection.handle_text_now("second")
+    received.put_nowait({"type": "websocket.receive", "text": "second"})
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert connection.handled == []
+    connection.finish()
+
+    async def handled() -> bool:
+        return connection.handled == ["second"]
+
+    await async_wait_for(handled, what="the queued frame handled after the held one")
+    assert connection.handle_text_now("third")
+    assert connection.taken == ["first", "third"]
+    metrics = connection._metrics
+    assert (metrics.received_in_read, metrics.received_queued) == (2, 1)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_frame_taken_from_the_read_that_raises_closes_with_1011(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    closed: list[tuple[int, str]] = []
+
+    async def close(code: int, reason: str) -> None:
+        closed.append((code, reason))
+
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    websocket: Any = SimpleNamespace(scope={}, _send=None, receive=received.get, close=close)
+    connection = Taking(websocket, raises=True)
+    running = await reading(connection)
+    assert connection.handle_text_now("boom")  # taken, and it failed
+    await asyncio.wait_for(running, 5)
+    assert closed == [(CloseCode.INTERNAL_ERROR, "internal error")]
+    assert "connection task failed" in caplog.text
