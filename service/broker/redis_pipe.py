@@ -21,10 +21,11 @@ What the pooled path promised still holds:
 * Concurrent calls share one connection attempt: while Redis does not answer, they all
   fail after one connect timeout, not one after another.
 
-`start` makes a call from synchronous code, the publishing session's read, and hands
-its outcome to a callback from inside the read of the reply: no task step on either
-side (service/session.py). What the first write of such a call cannot settle goes on as
-an awaited call would, in a task of its own.
+`start` makes a call from synchronous code (the publishing session's read) and hands
+its reply to a callback from inside the read that brought it: no task step on either
+side (service/session.py). What its first write cannot settle (no connection yet, a
+broken one, a script Redis lost) goes on as an awaited call would, in a task, and the
+reply still goes out from inside its read; errors come from the task.
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ _COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1]}"
 
 
 @asynccontextmanager
-async def counting_pipe(port: int, timeout: float = 5.0) -> AsyncIterator[ScriptPipe]:
+async def counting_pipe(
+    port: int, timeout: float = 5.0, retries: int = 2
+) -> AsyncIterator[ScriptPipe]:
     """A pipe running `_COUNT` against the Redis (or proxy) on `port`, closed on exit."""
     pipe = ScriptPipe(
         _COUNT,
@@ -43,7 +45,7 @@ async def counting_pipe(port: int, timeout: float = 5.0) -> AsyncIterator[Script
             socket_connect_timeout=timeout,
         ),
         timeout=timeout,
-        retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
+        retry=Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
     )
     try:
         yield pipe
@@ -335,28 +337,22 @@ async def test_start_counts_its_own_write_as_the_first_attempt(
     # made was its one attempt.
     key = unique("started-no-retry")
     proxy = await RedisProxy(redis_server.port).start()
-    pipe = ScriptPipe(
-        _COUNT,
-        lambda: Connection(port=proxy.port, protocol=2, client_name="pipe-test"),
-        timeout=5.0,
-        retry=Retry(NoBackoff(), 0, supported_errors=(RedisConnectionError,)),
-    )
     try:
-        await pipe(keys=[key], args=["connect"])
-        proxy.arm(b"lost-reply")
-        replies = Replies()
-        pipe.start([key], ["lost-reply"], replies)
+        async with counting_pipe(proxy.port, retries=0) as pipe:
+            await pipe(keys=[key], args=["connect"])
+            proxy.arm(b"lost-reply")
+            replies = Replies()
+            pipe.start([key], ["lost-reply"], replies)
 
-        async def ran() -> bool:
-            return await asyncio.to_thread(redis_server.client().get, key) == b"2"
+            async def ran() -> bool:
+                return await asyncio.to_thread(redis_server.client().get, key) == b"2"
 
-        await async_wait_for(ran, what="Redis ran it")
-        proxy.cut()
-        [reply] = await replies.wait(1)
-        assert isinstance(reply, RedisConnectionError)
-        assert redis_server.client().get(key) == b"2"  # not run again
+            await async_wait_for(ran, what="Redis ran it")
+            proxy.cut()
+            [reply] = await replies.wait(1)
+            assert isinstance(reply, RedisConnectionError)
+            assert redis_server.client().get(key) == b"2"  # not run again
     finally:
-        await pipe.close()
         await proxy.close()
 
 
