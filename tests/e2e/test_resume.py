@@ -70,7 +70,12 @@ class Recorder:
 
 @pytest.fixture
 def workers(make_workers: WorkersFactory, redis_server: RedisServer, prefix: str) -> list[Worker]:
-    return make_workers(3, *redis_args(redis_server, prefix))
+    # The publisher does not pause for the fault: while the client waits out its first
+    # reconnect delay (0.125-0.25 s) it can publish more than the default 100 messages of
+    # history (Redis trims the stream back to about 100 once it nears 200), and the
+    # resume then rightly reports a loss. History must cover the gap for "misses
+    # nothing" to be the expectation (test_history.py has a resume older than history).
+    return make_workers(3, *redis_args(redis_server, prefix), "--history-size", "1000")
 
 
 @pytest.mark.timeout(120)
