@@ -417,10 +417,7 @@ class Hub:
         try:
             in_history = self._advance(channel, frame)
             if in_history is not None:
-                members = self._audience(channel, in_history)
-                self._deliver(channel, frame, members)
-                if self._on_fanout is not None:
-                    self._on_fanout(len(members))
+                self._deliver(channel, frame, self._audience(channel, in_history))
         except Exception:
             # Raised into the broker's read, it would end every channel's subscription.
             logger.exception("fanning out a message of %r failed", channel.name)
@@ -477,8 +474,6 @@ class Hub:
                     fanout.served = start + chunk
             finally:
                 channel.fanout = None
-        if self._on_fanout is not None:
-            self._on_fanout(len(members))
 
     def _deliver(self, channel: _Channel, frame: str, members: Sequence[Member]) -> None:
         for member in members:
@@ -487,6 +482,8 @@ class Hub:
                 member.deliver(frame)
             except Exception:
                 logger.exception("delivery to a member of %r failed", channel.name)
+        if self._on_fanout is not None:
+            self._on_fanout(len(members))  # per chunk: the counts add up
 
     async def _catch_up(self, channel: _Channel) -> Sequence[str]:
         """What the channel missed while the subscription was interrupted, from history.

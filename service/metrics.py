@@ -69,37 +69,39 @@ class _Counts(Collector):
 
     def collect(self) -> Iterator[Metric]:
         metrics = self._metrics
-        published = CounterMetricFamily(
+        yield _labelled(
             "broadcast_messages_published",
             "Messages published through this worker.",
-            labels=["via"],
+            "via",
+            {"ws": metrics.published_ws, "http": metrics.published_http},
         )
-        published.add_metric(["ws"], metrics.published_ws)
-        published.add_metric(["http"], metrics.published_http)
-        yield published
         yield CounterMetricFamily(
             "broadcast_deliveries",
             "Frames handed to local connections by the fan-out.",
             value=metrics.deliveries,
         )
-        writes = CounterMetricFamily(
+        yield _labelled(
             "broadcast_frames_written",
             "Frames written to clients: `direct` at once by the fan-out, `queued` after "
             "waiting in the connection's outbox (slow reader, compression, backlog).",
-            labels=["path"],
+            "path",
+            {"direct": metrics.frames_direct, "queued": metrics.frames_queued},
         )
-        writes.add_metric(["direct"], metrics.frames_direct)
-        writes.add_metric(["queued"], metrics.frames_queued)
-        yield writes
-        received = CounterMetricFamily(
+        yield _labelled(
             "broadcast_frames_received",
             "Frames received from clients: `read` handled from inside the socket's read, "
             "`queued` through uvicorn's queue and the connection's read loop.",
-            labels=["path"],
+            "path",
+            {"read": metrics.received_in_read, "queued": metrics.received_queued},
         )
-        received.add_metric(["read"], metrics.received_in_read)
-        received.add_metric(["queued"], metrics.received_queued)
-        yield received
+
+
+def _labelled(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:
+    """A counter family with one sample per value of its one label."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
 
 
 class _StateCollector(Collector):

@@ -83,8 +83,8 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
 
 def reading_protocol(send: object) -> ReadingProtocol | None:
     """The `ReadingProtocol` whose bound method `send` is, else None."""
-    protocol = getattr(send, "__self__", None)
-    return protocol if type(protocol) is ReadingProtocol else None
+    protocol = _sansio_protocol(send)
+    return protocol if isinstance(protocol, ReadingProtocol) else None
 
 
 # A final text frame's first byte (FIN and opcode 1), then the payload length in 7 bits,
