@@ -20,6 +20,7 @@ from tests.helpers import (
     Worker,
     async_wait_for,
     redis_args,
+    subscribed_client,
     unique,
     wait_for,
 )
@@ -28,17 +29,9 @@ READ = 'broadcast_frames_received_total{path="read"}'
 QUEUED = 'broadcast_frames_received_total{path="queued"}'
 
 
-async def connect(worker: Worker, path: str = "/ws") -> Client:
-    client = await Client.connect(worker.ws + path)
-    if path == "/ws":
-        await client.welcome()
-    return client
-
-
 async def test_publishes_and_pings_are_taken_from_the_read(worker: Worker) -> None:
     channel = unique("read")
-    client = await connect(worker)
-    await client.subscribe(channel)
+    client = await subscribed_client(worker, channel)
     read, queued = worker.metric(READ), worker.metric(QUEUED)
     for n in range(5):
         assert (await client.publish(channel, n, ref=n))["ref"] == n
@@ -57,7 +50,7 @@ async def test_commands_sent_together_are_answered_in_their_order(worker: Worker
     # The first publish is taken from the read; everything behind it waits in uvicorn's
     # queue until Redis has answered it, then goes through the read loop in order.
     first, second = unique("together"), unique("together")
-    client = await connect(worker)
+    client = await subscribed_client(worker)
     commands = [
         {"type": "publish", "channel": first, "data": 1, "ref": "p1"},
         {"type": "subscribe", "channel": second, "ref": "s"},
@@ -90,9 +83,8 @@ async def test_a_publish_from_the_read_rides_out_a_dropped_publish_connection(
 ) -> None:
     worker = make_worker(*redis_args(redis_server, prefix))
     channel = unique("dropped")
-    subscriber = await connect(worker)
-    await subscriber.subscribe(channel)
-    publisher = await connect(worker)
+    subscriber = await subscribed_client(worker, channel)
+    publisher = await subscribed_client(worker)
     await publisher.publish(channel, "before")  # the publish connection is up
     assert (await subscriber.recv_type("message"))["data"] == "before"
     read = worker.metric(READ)
@@ -116,7 +108,7 @@ async def test_a_publish_from_the_read_loads_the_script_redis_lost(
     worker: Worker, redis_server: RedisServer
 ) -> None:
     channel = unique("flushed")
-    client = await connect(worker)
+    client = await subscribed_client(worker)
     first = await client.publish(channel, 1)
     redis_server.client().script_flush()
     second = await client.publish(channel, 2, ref="after-flush")
@@ -127,9 +119,8 @@ async def test_a_publish_from_the_read_loads_the_script_redis_lost(
 
 async def test_simple_mode_publishes_from_the_read(worker: Worker) -> None:
     channel = unique("simple")
-    subscriber = await connect(worker)
-    await subscriber.subscribe(channel)
-    simple = await connect(worker, f"/ws/{channel}")
+    subscriber = await subscribed_client(worker, channel)
+    simple = await Client.connect(worker.ws + f"/ws/{channel}")
     read = worker.metric(READ)
     for n in range(3):
         await simple.send(f"hello {n}")
@@ -143,10 +134,9 @@ async def test_a_client_gone_before_its_publish_is_answered_leaves_no_trace(
     worker: Worker,
 ) -> None:
     channel = unique("gone")
-    subscriber = await connect(worker)
-    await subscriber.subscribe(channel)
+    subscriber = await subscribed_client(worker, channel)
     for n in range(10):
-        publisher = await connect(worker)
+        publisher = await subscribed_client(worker)
         await publisher.send({"type": "publish", "channel": channel, "data": n})
         publisher.connection.transport.abort()
         # The message was taken: it is published, whoever asked for it.
@@ -157,7 +147,7 @@ async def test_a_client_gone_before_its_publish_is_answered_leaves_no_trace(
 
 
 async def test_a_text_frame_that_is_not_utf8_still_closes_with_1007(worker: Worker) -> None:
-    client = await connect(worker)
+    client = await subscribed_client(worker)
     connection = client.connection
     async with connection.send_context():
         connection.protocol.send_text(b"\xff\xfe not utf-8")
@@ -172,9 +162,8 @@ async def test_a_flood_of_publishes_waits_in_the_queue_without_losing_one(
     # A client that does not wait for replies: one publish is in flight at a time, the
     # rest wait in uvicorn's queue (which stops reading the socket meanwhile).
     channel = unique("flood")
-    subscriber = await connect(worker)
-    await subscriber.subscribe(channel)
-    publisher = await connect(worker)
+    subscriber = await subscribed_client(worker, channel)
+    publisher = await subscribed_client(worker)
     frames = [json.dumps({"type": "publish", "channel": channel, "data": n}) for n in range(300)]
     await asyncio.gather(*(publisher.send(frame) for frame in frames))
     replies = [await publisher.recv() for _ in frames]

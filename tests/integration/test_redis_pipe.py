@@ -53,6 +53,15 @@ async def counting_pipe(
         await pipe.close()
 
 
+async def counted(redis_server: RedisServer, key: str, count: int, what: str) -> None:
+    """Until `_COUNT` has run `count` times on `key` (its replies may be held back)."""
+
+    async def reached() -> bool:
+        return await asyncio.to_thread(redis_server.client().get, key) == str(count).encode()
+
+    await async_wait_for(reached, what=what)
+
+
 async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply(
     redis_server: RedisServer,
 ) -> None:
@@ -189,10 +198,7 @@ async def test_calls_in_flight_when_the_connection_breaks_are_retried(
             ]
 
             # Redis ran both; their replies are swallowed until the connection is cut.
-            async def both_ran() -> bool:
-                return await asyncio.to_thread(redis_server.client().get, key) == b"3"
-
-            await async_wait_for(both_ran, what="Redis ran both")
+            await counted(redis_server, key, 3, what="Redis ran both")
             proxy.cut()
             # Each is run again on a new connection (this script, unlike the publish
             # script, is not idempotent: the count shows the second run).
@@ -317,10 +323,7 @@ async def test_start_retries_calls_in_flight_when_the_connection_breaks(
             pipe.start([key], ["lost-reply"], replies)
             pipe.start([key], ["behind it"], replies)
 
-            async def both_ran() -> bool:
-                return await asyncio.to_thread(redis_server.client().get, key) == b"3"
-
-            await async_wait_for(both_ran, what="Redis ran both")
+            await counted(redis_server, key, 3, what="Redis ran both")
             proxy.cut()
             got = await replies.wait(2)
             assert [arg for _, arg in got] == [b"lost-reply", b"behind it"]
@@ -344,10 +347,7 @@ async def test_start_counts_its_own_write_as_the_first_attempt(
             replies = Replies()
             pipe.start([key], ["lost-reply"], replies)
 
-            async def ran() -> bool:
-                return await asyncio.to_thread(redis_server.client().get, key) == b"2"
-
-            await async_wait_for(ran, what="Redis ran it")
+            await counted(redis_server, key, 2, what="Redis ran it")
             proxy.cut()
             [reply] = await replies.wait(1)
             assert isinstance(reply, RedisConnectionError)
