@@ -96,9 +96,13 @@ class Connection:
         if self._closing is not None:
             return
         direct = self._direct
-        if direct is not None and not self._outbox and not self._sending and direct.writable():
-            # Nothing queued before it and the socket takes it now: no queue, no task.
-            direct.write(wire_frames(frame))
+        if (
+            direct is not None
+            and not self._outbox
+            and not self._sending
+            and direct.write_now(frame)
+        ):
+            # Nothing queued before it and the socket took it: no queue, no task.
             self._metrics.frames_direct += 1
             return
         size = len(frame)

@@ -27,6 +27,7 @@ import struct
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
@@ -48,16 +49,83 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
     one queued before it; `reader` refuses what it cannot finish in order (a command
     under way in its task). A message that is not valid UTF-8 goes uvicorn's way, which
     closes with 1007.
+
+    It also keeps `takes_writes` up to date for `DirectWriter`.
     """
 
-    # A slot, not an entry in the instance's __dict__: idle connections are counted in
+    # Slots, not entries in the instance's __dict__: idle connections are counted in
     # bytes (docs/performance.md).
-    __slots__ = ("reader",)
+    __slots__ = ("reader", "takes_writes")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Set by the connection once it reads (`Connection`), cleared when it stops.
         self.reader: TextReader | None = None
+        #: True while uvicorn's `send` of a text frame would just write it (`_recheck`),
+        #: unless the transport is closing: that one is asked at each write.
+        self.takes_writes = False
+
+    def _recheck(self) -> None:
+        # Every condition under which uvicorn's own `send` would do something other than
+        # write one text frame: paused by the client's reading, closing or closed,
+        # before the handshake, or with websockets' output not yet flushed. They change
+        # only inside the methods below, so the fan-out reads one attribute instead of
+        # asking them all at each delivery (docs/performance.md).
+        conn = self.conn
+        self.takes_writes = (
+            self.handshake_complete
+            and self.writable.is_set()
+            and not self.disconnected
+            and not self.close_sent
+            and self.initial_response is None
+            and conn.state is State.OPEN
+            and not conn.writes
+        )
+
+    def data_received(self, data: bytes) -> None:
+        """Read as uvicorn does: a close frame, a parser error or a ping may change the answer."""
+        try:
+            super().data_received(data)
+        finally:
+            self._recheck()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """As uvicorn's: the connection is gone."""
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._recheck()
+
+    def pause_writing(self) -> None:
+        """As uvicorn's: the client reads slowly (called from inside a write)."""
+        super().pause_writing()
+        self._recheck()
+
+    def resume_writing(self) -> None:
+        """As uvicorn's: the client caught up."""
+        super().resume_writing()
+        self._recheck()
+
+    def shutdown(self) -> None:
+        """As uvicorn's: the server shuts down (close 1012)."""
+        try:
+            super().shutdown()
+        finally:
+            self._recheck()
+
+    def keepalive_timeout(self) -> None:
+        """As uvicorn's: no pong in time (close 1011)."""
+        try:
+            super().keepalive_timeout()
+        finally:
+            self._recheck()
+
+    async def send(self, message: ASGISendEvent) -> None:
+        """The ASGI `send`, after which `takes_writes` is asked again (accept, close)."""
+        try:
+            await super().send(message)
+        finally:
+            self._recheck()
 
     def send_receive_event_to_app(self) -> None:
         """Offer a whole text message to `reader`; otherwise queue it, as uvicorn does."""
@@ -75,6 +143,9 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
             except UnicodeDecodeError:
                 pass
             else:
+                # The read in progress may have parsed a close frame after this one, or
+                # a ping whose pong is not flushed yet: a reply written now must see it.
+                self._recheck()
                 if reader.handle_text_now(text):
                     self.frames = []
                     return
@@ -137,31 +208,28 @@ wire_frames = WireFrames()
 
 
 class DirectWriter:
-    """Writes frame bytes to a websockets-sansio connection's transport, synchronously."""
+    """Writes frame bytes to a `ReadingProtocol` connection's transport, synchronously."""
 
     __slots__ = ("_protocol",)
 
-    def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
+    def __init__(self, protocol: ReadingProtocol) -> None:
         self._protocol = protocol
 
     @classmethod
     def attach(cls, send: object) -> DirectWriter | None:
         """A writer for the connection `send` belongs to, or None to stay with ASGI.
 
-        Call after the handshake: the negotiated extensions decide.
+        Call after the handshake: the negotiated extensions decide. Only uvicorn's
+        protocol as `ReadingProtocol` runs it keeps `takes_writes`: with any other
+        (wsproto, uvicorn's own websockets-sansio) every frame goes through ASGI.
         """
-        protocol = _sansio_protocol(send)
+        protocol = reading_protocol(send)
         if protocol is None:
             return None
-        try:
-            conn = protocol.conn
-            # Compressed frames differ per connection; debug mode logs every frame.
-            if conn.extensions or conn.debug or not protocol.handshake_complete:
-                return None
-            protocol.transport.is_closing()
-            protocol.writable.is_set()
-        except AttributeError:
-            return None  # a uvicorn or websockets whose insides have moved
+        conn = protocol.conn
+        # Compressed frames differ per connection; debug mode logs every frame.
+        if conn.extensions or conn.debug or not protocol.handshake_complete:
+            return None
         return cls(protocol)
 
     def writable(self) -> bool:
@@ -172,16 +240,16 @@ class DirectWriter:
         which raises what uvicorn raises.
         """
         protocol = self._protocol
-        conn = protocol.conn
-        return (
-            protocol.writable.is_set()
-            and not protocol.disconnected
-            and not protocol.close_sent
-            and protocol.initial_response is None
-            and conn.state is State.OPEN
-            and not conn.writes
-            and not protocol.transport.is_closing()
-        )
+        return protocol.takes_writes and not protocol.transport.is_closing()
+
+    def write_now(self, text: str) -> bool:
+        """Write the frame of `text` if `writable()`; False if it was not written."""
+        # One call per delivery: `writable()` and `write` inlined (the fan-out's loop).
+        protocol = self._protocol
+        if protocol.takes_writes and not protocol.transport.is_closing():
+            protocol.transport.write(wire_frames(text))
+            return True
+        return False
 
     def paused(self) -> bool:
         """True while the transport waits for the client to read (and it is still there)."""

@@ -9,13 +9,12 @@ opaque string because the protocol has one `since`.
 
 from __future__ import annotations
 
-import base64
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from service.broker.randomness import base32_name
 from service.protocol.frames import message_id_of, message_parts
 
 
@@ -46,7 +45,7 @@ class Position:
 def new_epoch() -> str:
     """A fresh epoch name: 8 random base-32 characters (40 bits), 0-9 and a-v."""
     # Every publish makes one (the script keeps it only for a channel's first message).
-    return base64.b32hexencode(os.urandom(5)).decode().lower()
+    return base32_name()
 
 
 def position_of(frame: str, head: str) -> Position | None:

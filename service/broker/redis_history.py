@@ -15,7 +15,6 @@ Publishing runs in one script, so a message is numbered, kept and published at o
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -25,6 +24,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from service.broker.history import HistoryRead, Position, new_epoch, read_after
+from service.broker.randomness import hex_name
 from service.broker.redis_pipe import ScriptPipe
 from service.errors import BrokerUnavailable
 from service.protocol.frames import message_parts
@@ -183,7 +183,7 @@ def publish_call(
     """KEYS and ARGV of `PUBLISH_SCRIPT` for one message (bench/floor.py sends them too)."""
     head, tail = message_parts(channel, data)
     meta, stream = _keys(prefix, channel)
-    token = f"{prefix}pub:{{{channel}}}:{os.urandom(12).hex()}"
+    token = f"{prefix}pub:{{{channel}}}:{hex_name()}"
     args: list[EncodableT] = [head, tail, pubsub_key, new_epoch(), size, ttl, meta_ttl, token_ttl]
     return [meta, stream, token], args
 

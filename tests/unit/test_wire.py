@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.client import ClientProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
-from service.wire import ReadingProtocol, WireFrames, text_frame
+from service.wire import DirectWriter, ReadingProtocol, TextReader, WireFrames, text_frame
 
 
 def written_by_websockets(text: str) -> bytes:
@@ -119,4 +124,153 @@ async def test_without_a_reader_it_is_uvicorns_protocol() -> None:
     protocol.send_receive_event_to_app()
     assert protocol.queue.get_nowait() == {"type": "websocket.receive", "text": "plain"}
     assert isinstance(protocol, WebSocketsSansIOProtocol)
-    assert "reader" not in vars(protocol)  # a slot: no room taken in the instance dict
+    # Slots: no room taken in the instance dict.
+    assert "reader" not in vars(protocol)
+    assert "takes_writes" not in vars(protocol)
+
+
+class FakeTransport:
+    """Just enough of a transport for uvicorn's protocol: records what is written."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing, "written after close"
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        addresses = {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}
+        return addresses.get(name, default)
+
+
+_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def client_frames(*texts: str, close: bool = False) -> bytes:
+    """Masked frames as a client sends them: texts, then maybe a close frame."""
+    client = ClientProtocol(parse_uri("ws://test/ws"))
+    client.state = State.OPEN
+    for text in texts:
+        client.send_text(text.encode())
+    if close:
+        client.send_close(1000)
+    return b"".join(client.data_to_send())
+
+
+async def open_protocol(
+    reader: TextReader | None = None, **config: Any
+) -> tuple[ReadingProtocol, FakeTransport]:
+    """A `ReadingProtocol` past a real handshake, its app accepting and then waiting."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await asyncio.Event().wait()  # cancelled when the test's loop ends
+
+    loaded = Config(app=app, ws=ReadingProtocol, lifespan="off", **config)
+    loaded.load()
+    protocol = ReadingProtocol(config=loaded, server_state=ServerState(), app_state={})
+    transport = FakeTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.reader = reader
+    protocol.data_received(_UPGRADE)
+    for _ in range(100):
+        if protocol.handshake_complete:
+            break
+        await asyncio.sleep(0)
+    assert protocol.handshake_complete
+    assert transport.written.startswith(b"HTTP/1.1 101")
+    return protocol, transport
+
+
+async def test_writes_are_taken_once_accepted_and_not_while_paused() -> None:
+    protocol, transport = await open_protocol()
+    writer = DirectWriter(protocol)
+    assert protocol.takes_writes
+    assert writer.writable()
+    protocol.pause_writing()
+    assert not protocol.takes_writes
+    assert not writer.write_now("held")
+    protocol.resume_writing()
+    before = len(transport.written)
+    assert writer.write_now("sent")
+    assert bytes(transport.written[before:]) == text_frame("sent")
+    transport.closing = True  # closed under uvicorn (a write error): asked at each write
+    assert not writer.writable()
+    assert not writer.write_now("late")
+
+
+async def test_a_close_frame_in_the_same_read_stops_writes_before_the_reply() -> None:
+    seen: list[bool] = []
+
+    class Recorder:
+        def handle_text_now(self, text: str) -> bool:
+            seen.append(protocol.takes_writes)
+            return True
+
+    protocol, transport = await open_protocol(Recorder())
+    protocol.data_received(client_frames("first"))
+    assert seen == [True]
+    protocol.data_received(client_frames("last", close=True))
+    # Offered after the close frame was parsed: a reply written now would follow it.
+    assert seen == [True, False]
+    assert not protocol.takes_writes
+    assert transport.closing
+
+
+async def test_a_close_frame_alone_stops_writes() -> None:
+    protocol, transport = await open_protocol()
+    protocol.data_received(client_frames(close=True))
+    assert not protocol.takes_writes
+    assert transport.closing
+
+
+@pytest.mark.parametrize("how", ["asgi close", "lost", "shutdown", "keepalive timeout"])
+async def test_every_way_of_closing_stops_writes(how: str) -> None:
+    protocol, _ = await open_protocol(ws_ping_interval=20, ws_ping_timeout=20)
+    assert protocol.takes_writes
+    if how == "asgi close":
+        await protocol.send({"type": "websocket.close", "code": 1000, "reason": ""})
+    elif how == "lost":
+        protocol.connection_lost(None)
+    elif how == "shutdown":
+        protocol.shutdown()
+    else:
+        protocol.keepalive_timeout()
+    assert not protocol.takes_writes
+
+
+async def test_an_unflushed_pong_stops_writes_until_uvicorn_flushes_it() -> None:
+    protocol, _ = await open_protocol()
+    protocol.conn.receive_data(b"\x89\x80abcd")  # a masked ping, empty: a pong is queued
+    protocol._recheck()
+    assert not protocol.takes_writes
+    protocol.handle_events()  # uvicorn writes the pong
+    protocol._recheck()
+    assert protocol.takes_writes
+
+
+async def test_only_the_reading_protocol_gets_a_direct_writer() -> None:
+    protocol, _ = await open_protocol()
+    assert DirectWriter.attach(protocol.send) is not None
+    plain = WebSocketsSansIOProtocol(
+        config=protocol.config, server_state=ServerState(), app_state={}
+    )
+    assert DirectWriter.attach(plain.send) is None
