@@ -137,10 +137,6 @@ class Servers:
         """Each worker's protocol endpoint."""
         return [f"ws://127.0.0.1:{port}/ws" for port in self.ports]
 
-    def cpu_seconds(self) -> float:
-        """CPU time all server processes have used so far."""
-        return sum(cpu_seconds(p.pid) for p in self.processes)
-
     def worker_cpu_seconds(self) -> list[float]:
         """CPU time each worker has used so far, in worker order."""
         return [cpu_seconds(p.pid) for p in self.workers]

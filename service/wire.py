@@ -30,6 +30,9 @@ from typing import Any, Protocol
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.speedups import apply_mask
+from websockets.streams import StreamReader
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -83,11 +86,67 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        """Read as uvicorn does: a close frame, a parser error or a ping may change the answer."""
+        """Read: whole text frames straight to `reader`, the rest as uvicorn reads it."""
         try:
-            super().data_received(data)
+            rest = data if self.reader is None else self._read_now(data)
+            if rest:
+                super().data_received(rest)
         finally:
+            # A close frame, a parser error or a ping may change the answer.
             self._recheck()
+
+    def _read_now(self, data: bytes) -> bytes:
+        """Hand the whole, final, masked text frames at the start of `data` to `reader`.
+
+        Returns the rest, from the first frame that is anything else (a control frame, a
+        fragment, a partial frame, invalid UTF-8, too big), for websockets to parse: it
+        raises what it would have raised. Only while websockets' parser waits for the
+        start of a frame, and for uvicorn's queue and reading exactly as they would be.
+        This saves websockets' generator-based parser per message (docs/performance.md).
+        """
+        reader, conn = self.reader, self.conn
+        if (
+            reader is None
+            or self.close_sent
+            or self.read_paused
+            or not self.queue.empty()
+            or conn.state is not State.OPEN
+            or conn.extensions
+            or conn.debug
+            or not _at_frame_start(conn)
+        ):
+            return data
+        limit = conn.max_message_size
+        if conn.max_fragment_size is not None:
+            limit = min(limit or conn.max_fragment_size, conn.max_fragment_size)
+        start, end = 0, len(data)
+        # A frame: FIN and opcode 1 (no reserved bits), the mask bit and a 7-bit length
+        # or 126 and 16 bits (RFC 6455, 5.2); then 4 bytes of mask and the payload.
+        while end - start >= 6 and data[start] == _FIN_TEXT and data[start + 1] & 0x80:
+            length = data[start + 1] & 0x7F
+            at = start + 2
+            if length == 126:
+                length = int.from_bytes(data[at : at + 2], "big")
+                at += 2
+            elif length == 127:
+                break  # 64 KiB or more: rare, websockets' way
+            stop = at + 4 + length
+            if stop > end or (limit is not None and length > limit):
+                break
+            payload = apply_mask(data[at + 4 : stop], data[at : at + 4])
+            try:
+                text = payload.decode()
+            except UnicodeDecodeError:
+                break  # websockets' way: uvicorn closes with 1007
+            start = stop
+            if not reader.handle_text_now(text):
+                # Queued as uvicorn queues it (which pauses reading): what follows it
+                # queues behind it.
+                self.curr_msg_data_type = "text"
+                self.frames = [payload]
+                super().send_receive_event_to_app()
+                break
+        return data[start:] if start else data
 
     def connection_lost(self, exc: Exception | None) -> None:
         """As uvicorn's: the connection is gone."""
@@ -150,6 +209,20 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
                     self.frames = []
                     return
         super().send_receive_event_to_app()
+
+
+# websockets' parser is a generator: `ServerProtocol.parse`, which runs `Protocol.parse`,
+# which waits in `StreamReader.at_eof` for the first byte of each frame (websockets 17).
+_AT_EOF = StreamReader.at_eof.__code__
+
+
+def _at_frame_start(conn: ServerProtocol) -> bool:
+    """True if websockets' parser waits for the first byte of a frame."""
+    handshake = conn.parser
+    frames = getattr(handshake, "gi_yieldfrom", None)
+    waiting = getattr(frames, "gi_yieldfrom", None)
+    # It waits there only with nothing buffered (`at_eof` returns while there is).
+    return waiting is not None and waiting.gi_code is _AT_EOF
 
 
 def reading_protocol(send: object) -> ReadingProtocol | None:

@@ -38,15 +38,25 @@ def rss_bytes(worker: Worker) -> int:
 async def test_healthy_clients_keep_their_latency_while_a_slow_one_is_cut_off(
     make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
 ) -> None:
+    # The slow client reads nothing, so it answers no ping and gets no pong: with either
+    # side's default keepalive (a ping after 20 s, 20 s to answer) a test slower than
+    # 40 s, as under load, would see the connection dropped for that, not its 1013.
     worker = make_worker(
         *redis_args(
-            redis_server, prefix, "--outbox-max-messages", "100", "--outbox-max-bytes", "500000"
+            redis_server,
+            prefix,
+            "--outbox-max-messages",
+            "100",
+            "--outbox-max-bytes",
+            "500000",
+            "--ws-ping-interval",
+            "300",
         )
     )
     channel = unique("mixed")
     # The slow client: a tiny receive buffer, and it never reads after subscribing.
     sock = tiny_buffer_socket(worker.port)
-    slow = await subscribed_client(worker, channel, sock=sock, max_queue=1)
+    slow = await subscribed_client(worker, channel, sock=sock, max_queue=1, ping_interval=None)
     healthy = []
     for _ in range(HEALTHY):
         client = await subscribed_client(worker, channel)

@@ -13,6 +13,7 @@ from uvicorn.server import ServerState
 from websockets.client import ClientProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.speedups import apply_mask
 from websockets.uri import parse_uri
 
 from service.wire import DirectWriter, ReadingProtocol, TextReader, WireFrames, text_frame
@@ -163,6 +164,9 @@ _UPGRADE = (
 )
 
 
+_PING = b"\x89\x80abcd"  # a masked, empty ping
+
+
 def client_frames(*texts: str, close: bool = False) -> bytes:
     """Masked frames as a client sends them: texts, then maybe a close frame."""
     client = ClientProtocol(parse_uri("ws://test/ws"))
@@ -228,8 +232,9 @@ async def test_a_close_frame_in_the_same_read_stops_writes_before_the_reply() ->
     protocol, transport = await open_protocol(Recorder())
     protocol.data_received(client_frames("first"))
     assert seen == [True]
-    protocol.data_received(client_frames("last", close=True))
-    # Offered after the close frame was parsed: a reply written now would follow it.
+    # A ping first: websockets parses all three, and the message is offered after the
+    # close frame was parsed (and the pong queued): a reply written now would follow it.
+    protocol.data_received(_PING + client_frames("last", close=True))
     assert seen == [True, False]
     assert not protocol.takes_writes
     assert transport.closing
@@ -259,7 +264,7 @@ async def test_every_way_of_closing_stops_writes(how: str) -> None:
 
 async def test_an_unflushed_pong_stops_writes_until_uvicorn_flushes_it() -> None:
     protocol, _ = await open_protocol()
-    protocol.conn.receive_data(b"\x89\x80abcd")  # a masked ping, empty: a pong is queued
+    protocol.conn.receive_data(_PING)  # a pong is queued
     protocol._recheck()
     assert not protocol.takes_writes
     protocol.handle_events()  # uvicorn writes the pong
@@ -274,3 +279,126 @@ async def test_only_the_reading_protocol_gets_a_direct_writer() -> None:
         config=protocol.config, server_state=ServerState(), app_state={}
     )
     assert DirectWriter.attach(plain.send) is None
+
+
+class Offers:
+    """A `TextReader` that takes each message unless told to refuse it."""
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        self.refuse = refuse
+        self.offered: list[str] = []
+
+    def handle_text_now(self, text: str) -> bool:
+        self.offered.append(text)
+        return text not in self.refuse
+
+
+def parsed_by_websockets(protocol: ReadingProtocol) -> list[bytes]:
+    """Record what websockets' parser is given from now on."""
+    given: list[bytes] = []
+    receive = protocol.conn.receive_data
+
+    def recording(data: bytes | bytearray) -> None:
+        given.append(bytes(data))
+        receive(data)
+
+    protocol.conn.receive_data = recording  # type: ignore[method-assign]
+    return given
+
+
+def queued_texts(protocol: ReadingProtocol) -> list[str]:
+    texts = []
+    while not protocol.queue.empty():
+        texts.append(protocol.queue.get_nowait()["text"])
+    return texts
+
+
+def close_code(written: bytearray) -> int:
+    """The code of the close frame that ends what was written (unmasked, short)."""
+    head = written.rfind(b"\x88")
+    assert head >= 0, "no close frame"
+    return int.from_bytes(written[head + 2 : head + 4], "big")
+
+
+async def test_whole_text_frames_are_read_without_websockets() -> None:
+    reader = Offers()
+    protocol, _ = await open_protocol(reader)
+    given = parsed_by_websockets(protocol)
+    texts = ["a", "é" * 100, "x" * 5000]  # 7-bit and 16-bit lengths, UTF-8
+    protocol.data_received(client_frames(*texts))
+    assert reader.offered == texts
+    assert given == []
+    assert protocol.queue.empty()
+
+
+async def test_a_refused_message_and_those_after_it_queue_in_order() -> None:
+    reader = Offers(refuse=("b",))
+    protocol, _ = await open_protocol(reader)
+    protocol.data_received(client_frames("a", "b", "c"))
+    assert reader.offered == ["a", "b"]  # "c" is not offered past the queued "b"
+    assert protocol.read_paused  # as uvicorn does when it queues
+    protocol.data_received(client_frames("d"))  # a read already under way
+    assert reader.offered == ["a", "b"]
+    assert queued_texts(protocol) == ["b", "c", "d"]
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 9])
+async def test_a_frame_split_across_reads_is_read_once_and_then_fast_again(cut: int) -> None:
+    reader = Offers()
+    protocol, _ = await open_protocol(reader)
+    given = parsed_by_websockets(protocol)
+    data = client_frames("split me")
+    protocol.data_received(data[:cut])
+    protocol.data_received(data[cut:])
+    assert reader.offered == ["split me"]
+    assert given == [data[:cut], data[cut:]]
+    protocol.data_received(client_frames("whole"))  # the parser is at a frame start again
+    assert reader.offered == ["split me", "whole"]
+    assert len(given) == 2
+
+
+async def test_a_payload_that_looks_like_a_frame_is_not_read_as_one() -> None:
+    reader = Offers()
+    protocol, _ = await open_protocol(reader)
+    # Masked so that the payload's bytes read as a whole masked text frame of 2 bytes.
+    mask = bytes([ord("s") ^ 0x81, ord("p") ^ 0x82, 0, 0])
+    payload = apply_mask(b"split me", mask)
+    assert payload[:2] == b"\x81\x82"
+    protocol.data_received(b"\x81\x88" + mask)  # the header alone: websockets waits
+    protocol.data_received(payload)
+    assert reader.offered == ["split me"]
+
+
+async def test_fragments_pings_and_long_frames_are_websockets_work() -> None:
+    reader = Offers()
+    protocol, transport = await open_protocol(reader)
+    client = ClientProtocol(parse_uri("ws://test/ws"))
+    client.state = State.OPEN
+    client.send_text(b"frag", fin=False)
+    client.send_continuation(b"mented", fin=True)
+    client.send_ping(b"p")
+    client.send_text(b"y" * 70000)  # a 64-bit length
+    client.send_text(b"after")
+    before = len(transport.written)
+    protocol.data_received(b"".join(client.data_to_send()))
+    assert reader.offered == ["fragmented", "y" * 70000, "after"]
+    assert transport.written[before:].startswith(b"\x8a\x01p")  # the pong
+    assert protocol.queue.empty()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (client_frames("ok")[:2] + b"\0\0\0\0" + b"\xff\xfe", 1007),  # not UTF-8
+        (b"\x81\x02hi", 1002),  # not masked
+        (b"\x91\x80abcd", 1002),  # a reserved bit
+        (client_frames("x" * 11), 1009),  # over ws_max_size
+    ],
+)
+async def test_what_websockets_refuses_closes_as_before(frame: bytes, code: int) -> None:
+    reader = Offers()
+    protocol, transport = await open_protocol(reader, ws_max_size=10)
+    protocol.data_received(client_frames("first") + frame + client_frames("never"))
+    assert reader.offered == ["first"]
+    assert close_code(transport.written) == code
+    assert transport.closing
