@@ -87,13 +87,14 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Read: whole text frames straight to `reader`, the rest as uvicorn reads it."""
-        try:
-            rest = data if self.reader is None else self._read_now(data)
-            if rest:
+        rest = data if self.reader is None else self._read_now(data)
+        if rest:
+            try:
                 super().data_received(rest)
-        finally:
-            # A close frame, a parser error or a ping may change the answer.
-            self._recheck()
+            finally:
+                # A close frame, a parser error or a ping may change the answer. What
+                # `_read_now` took changes nothing uvicorn's `send` asks.
+                self._recheck()
 
     def _read_now(self, data: bytes) -> bytes:
         """Hand the whole, final, masked text frames at the start of `data` to `reader`.
@@ -317,10 +318,15 @@ class DirectWriter:
 
     def write_now(self, text: str) -> bool:
         """Write the frame of `text` if `writable()`; False if it was not written."""
-        # One call per delivery: `writable()` and `write` inlined (the fan-out's loop).
+        # One call per delivery: `writable()`, `wire_frames` and `write` inlined (the
+        # fan-out's loop runs this once per member).
         protocol = self._protocol
         if protocol.takes_writes and not protocol.transport.is_closing():
-            protocol.transport.write(wire_frames(text))
+            frames = wire_frames
+            if text is not frames._text:
+                frames._wire = text_frame(text)
+                frames._text = text
+            protocol.transport.write(frames._wire)
             return True
         return False
 
