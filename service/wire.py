@@ -6,19 +6,24 @@ fan-out hands every member the same `str`), and `DirectWriter` writes them to th
 connection's transport, skipping the ASGI `send` coroutine and the task switch of a
 queued write: about 40% of the server's CPU per delivery (docs/performance.md).
 
-That reaches into uvicorn's websockets-sansio protocol (uvicorn is pinned to 0.54.x in
-pyproject.toml). `DirectWriter.attach` gives up, and the connection uses plain ASGI,
-for any other implementation, for per-message compression and for debug logging; and
-`writable` checks, before every write, each condition under which uvicorn's own `send`
-would do something other than write one text frame. tests/unit/test_wire.py and
-tests/integration/test_direct_writes.py guard the attributes and the behaviour.
+Both reach into uvicorn's websockets-sansio protocol (uvicorn is pinned to 0.54.x in
+pyproject.toml), as the subclass `ReadingProtocol`, which uvicorn runs as its `ws`
+class (`service.__main__`):
 
-The other way, `ReadingProtocol` (uvicorn's `ws` class, `service.__main__`) is that
-same protocol, except that a connection may take a text message from inside the read
-(`TextReader`) instead of through uvicorn's queue and `receive()`: a task step and two
-changes of the socket's epoll registration less per message. What the connection does
-not take goes uvicorn's way, behind whatever is queued already.
-tests/integration/test_reads_now.py guards it.
+* It keeps `takes_writes`: whether uvicorn's own `send` would now do nothing but write
+  one text frame, asked again in every method that can change the answer, so that a
+  delivery reads one attribute (and asks the transport whether it is closing).
+  `DirectWriter.attach` gives up, and the connection uses plain ASGI, for any other
+  implementation, for per-message compression and for debug logging.
+* A connection may take a text message from inside the read (`TextReader`) instead of
+  through uvicorn's queue and `receive()`: a task step and two changes of the socket's
+  epoll registration less per message. Whole, final, masked text frames are read
+  without websockets' generator-based parser while it waits for a frame start; what
+  the connection does not take goes uvicorn's way, behind whatever is queued already,
+  and anything else from that point on goes to websockets.
+
+tests/unit/test_wire.py, tests/integration/test_direct_writes.py and
+tests/integration/test_reads_now.py guard the attributes and the behaviour.
 """
 
 from __future__ import annotations
@@ -117,9 +122,10 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
             or not _at_frame_start(conn)
         ):
             return data
-        limit = conn.max_message_size
-        if conn.max_fragment_size is not None:
-            limit = min(limit or conn.max_fragment_size, conn.max_fragment_size)
+        # websockets' limit for a message's first frame: the smaller one that is set.
+        limit, fragment = conn.max_message_size, conn.max_fragment_size
+        if fragment is not None and (limit is None or fragment < limit):
+            limit = fragment
         start, end = 0, len(data)
         # A frame: FIN and opcode 1 (no reserved bits), the mask bit and a 7-bit length
         # or 126 and 16 bits (RFC 6455, 5.2); then 4 bytes of mask and the payload.
