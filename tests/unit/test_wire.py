@@ -1,5 +1,7 @@
-"""Frame bytes built once per message are the bytes websockets itself would write, and
-`ReadingProtocol` offers whole text messages to its reader, in order, or queues them."""
+"""Frame bytes built once per message are the bytes websockets itself would write.
+`ReadingProtocol` keeps `takes_writes` down whenever uvicorn's `send` would do more than
+write a frame, offers whole text messages to its reader in order or queues them, and
+reads itself only the text frames websockets would have read the same way."""
 
 from __future__ import annotations
 
