@@ -92,7 +92,7 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Read: whole text frames straight to `reader`, the rest as uvicorn reads it."""
-        rest = data if self.reader is None else self._read_now(data)
+        rest = self._read_now(data)
         if rest:
             try:
                 super().data_received(rest)
