@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging.config
 import os
 import sys
 from typing import Any
@@ -14,6 +15,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from service.broker import check_redis_url
 from service.settings import SETTINGS_ENV_VAR, Settings
+from service.wire import http_options
 
 APP_FACTORY = "service.app:create_app_from_environment"
 
@@ -29,6 +31,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # websockets-sansio, the implementation the service is tested with (PITFALLS.md
         # has its traps), with text messages read straight into the session (wire.py).
         "ws": "service.wire:ReadingProtocol",
+        # httptools as uvicorn runs it, with the request head bounded (414, 431) and a
+        # deadline for it and the upgrade (HANDSHAKE_TIMEOUT), or uvicorn's h11 with its
+        # public head limit if this uvicorn lacks what that relies on (wire.py).
+        # Between requests uvicorn's own timeout_keep_alive (5 s) closes idle ones.
+        **http_options(settings.handshake_timeout),
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": settings.ws_ping_timeout,
@@ -86,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     check_backend(settings)
     # uvicorn's worker processes import the app anew: hand them the parsed settings.
     os.environ[SETTINGS_ENV_VAR] = settings.handover_json()
+    # Configured before uvicorn does it again, so that what `uvicorn_options` may log
+    # (why the handshake limits are off) looks like every other line.
+    logging.config.dictConfig(_log_config(settings))
     uvicorn.run(APP_FACTORY, **uvicorn_options(settings))
 
 

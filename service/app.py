@@ -15,7 +15,7 @@ from service import __version__
 from service.api import demo, health, http, ws
 from service.auth import ApiKeys, Authenticator
 from service.broker import Broker
-from service.errors import BrokerUnavailable, ProtocolError, Unauthorized
+from service.errors import BrokerUnavailable, OutcomeUnknown, ProtocolError, Unauthorized
 from service.hub import Hub
 from service.limits import ConnectionSlots
 from service.metrics import Metrics
@@ -27,7 +27,7 @@ from service.settings import SETTINGS_ENV_VAR, Settings
 logger = logging.getLogger(__name__)
 
 _PROTOCOL_ERROR_STATUS = {ErrorCode.MESSAGE_TOO_LARGE: 413}
-# Seconds a client should wait before publishing again after a 503.
+# Seconds a client should wait before publishing again after a 503 or 504.
 _RETRY_AFTER_SECONDS = "1"
 
 
@@ -109,6 +109,18 @@ def create_app(settings: Settings) -> ws.WebSocketEndpoints:
         return JSONResponse(
             {"error": exc.code.value, "message": f"{exc.message}; retry later"},
             status_code=503,
+            headers={"Retry-After": _RETRY_AFTER_SECONDS},
+        )
+
+    # Starlette picks the handler of the closest class, so this one wins over the above.
+    @app.exception_handler(OutcomeUnknown)
+    async def outcome_unknown(request: Request, exc: OutcomeUnknown) -> JSONResponse:
+        # 504, not 503: Redis (the upstream) took the publish and did not answer in time,
+        # so unlike a 503 this does not say that nothing was done; the message says how
+        # to retry safely.
+        return JSONResponse(
+            {"error": exc.code.value, "message": exc.message},
+            status_code=504,
             headers={"Retry-After": _RETRY_AFTER_SECONDS},
         )
 

@@ -50,9 +50,10 @@ class Connection:
         metrics: Metrics,
     ) -> None:
         self._ws = websocket
-        # How long the close frame may wait for a slow client's buffers to drain, so that
-        # a client that reads again learns why it was cut off (1013). Past it the handler
-        # returns and uvicorn drops the transport.
+        # How long a closing connection may take, from the moment the close starts: its
+        # last frames and the close frame wait that long for a client that reads slowly
+        # (so that one that reads again learns why it was cut off), then the socket is
+        # dropped. Without it, a client that never reads would hold it for ever.
         self._close_timeout = close_timeout
         self._max_messages = max_messages
         self._max_chars = max_chars
@@ -60,7 +61,8 @@ class Connection:
         # Made when a frame has to wait, dropped once drained (an empty deque is 600 bytes).
         self._outbox: deque[str] | None = None
         self._outbox_chars = 0
-        # Room granted above the limits to a resume's backlog, until the outbox drains.
+        # Room granted above the limits to one resume's backlog, until the outbox drains
+        # (0 and 0: no grant outstanding).
         self._extra_messages = 0
         self._extra_chars = 0
         self._closing: tuple[CloseCode, str] | None = None
@@ -122,18 +124,28 @@ class Connection:
     def deliver_backlog(self, frames: Sequence[str]) -> None:
         """Queue frames a resumed subscription missed, even past the outbox limits.
 
-        The limits grow by the backlog until the outbox has drained once, so that the
-        frames queued behind it are not what closes the client.
+        The limits grow by the backlog until the outbox has drained, so that the frames
+        queued behind it are not what closes the client. One backlog at a time: while a
+        grant is outstanding, another backlog must fit in the limits as they stand, or
+        the client is closed as a slow consumer. Otherwise a client that resumes again
+        and again without reading would queue without bound.
         """
         if self._closing is not None or not frames:
             return
         chars = sum(map(len, frames))
-        if self._outbox is None:
-            self._outbox = deque()
-        self._outbox.extend(frames)
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        if not (self._extra_messages or self._extra_chars):
+            self._extra_messages, self._extra_chars = len(frames), chars
+        elif (
+            len(outbox) + len(frames) > self._max_messages + self._extra_messages
+            or self._outbox_chars + chars > self._max_chars + self._extra_chars
+        ):
+            self.overwhelmed()
+            return
+        outbox.extend(frames)
         self._outbox_chars += chars
-        self._extra_messages += len(frames)
-        self._extra_chars += chars
         self._start_writer()
 
     def overwhelmed(self) -> None:
@@ -146,6 +158,7 @@ class Connection:
         if self._closing is not None:
             return
         self._closing = (code, reason)
+        self._drop_within(self._close_timeout)
         if not flush:
             self._outbox = None
             self._outbox_chars = 0
@@ -249,19 +262,35 @@ class Connection:
             logger.exception("connection task failed")
             self._closing = self._closing or (CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            if self._writer is not None:
-                [result] = await _cancel(self._writer)
+            # Let go of the task once it is done: its exception's traceback holds this
+            # connection's frames, a cycle only the garbage collector would break.
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                [result] = await _cancel(writer)
                 if isinstance(result, Exception):
                     logger.error("connection task failed", exc_info=result)
                     self._closing = self._closing or (CloseCode.INTERNAL_ERROR, "internal error")
             self._metrics.connections.dec()
             self.release()
+        # However it ended (a close of ours, the client's, uvicorn's on shutdown or on a
+        # protocol error), what is left of the connection goes within the deadline.
+        self._drop_within(self._close_timeout)
         if self._closing is not None and not self._client_gone:
             code, reason = self._closing
-            # If the client is gone or not reading, give up: uvicorn drops the transport.
+            # If the client is gone or not reading, give up: the socket is dropped.
             with contextlib.suppress(TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
                 async with asyncio.timeout(self._close_timeout):
                     await self._ws.close(code, reason)
+
+    def _drop_within(self, delay: float) -> None:
+        """Drop the socket unless the connection is gone within `delay` seconds.
+
+        uvicorn closes a socket only once its buffered frames are sent, which a client
+        that never reads never lets happen. Only uvicorn's protocol as `ReadingProtocol`
+        can drop it: with any other, the connection lasts as long as uvicorn keeps it.
+        """
+        if self._reading is not None:
+            self._reading.drop_within(delay)
 
     def _stop_reading(self) -> None:
         """End the read loop: the connection is closing (sent, or given up on)."""

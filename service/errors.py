@@ -3,7 +3,9 @@
 ServiceError
  ├── ProtocolError        -> `error` frame with its code (HTTP 400/413); connection carries on
  ├── Unauthorized         -> HTTP 401 (the HTTP API's key)
- └── BrokerUnavailable    -> `error` frame `unavailable` / HTTP 503; retry later
+ └── BrokerUnavailable    -> `error` frame `unavailable` / HTTP 503: nothing was done; retry later
+      └── OutcomeUnknown  -> `error` frame `outcome_unknown` / HTTP 504: a publish may or may
+                             not have been published; retry it with the same idempotency key
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ class Unauthorized(ServiceError):
 
 
 class BrokerUnavailable(ServiceError):
-    """Redis could not be reached or did not answer in time."""
+    """Redis could not be reached or did not answer in time: what was asked was not done."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class OutcomeUnknown(BrokerUnavailable):
+    """A publish reached Redis but its answer did not come back: it may have been published.
+
+    A `BrokerUnavailable`, so that whoever handles an outage handles this too; what the
+    client is told differs (`outcome_unknown`, HTTP 504): retrying blindly could publish
+    twice, retrying with the same idempotency key cannot.
+    """
+
+    code = ErrorCode.OUTCOME_UNKNOWN

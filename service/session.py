@@ -47,8 +47,7 @@ class _ChannelSession(Connection):
             websocket,
             max_messages=settings.outbox_max_messages,
             max_chars=settings.outbox_max_bytes,
-            # uvicorn's keepalive drops a client that reads nothing by then anyway.
-            close_timeout=settings.ws_ping_interval + settings.ws_ping_timeout,
+            close_timeout=settings.ws_close_timeout,
             metrics=runtime.metrics,
         )
         self._rt = runtime
@@ -144,10 +143,12 @@ class _ChannelSession(Connection):
                 self._left.append((channel, info))
         self._channels.clear()
 
-    def _publish_now(self, channel: str, data: bytes, ref: Ref | None, *, ack: bool) -> None:
+    def _publish_now(
+        self, channel: str, data: bytes, ref: Ref | None, *, ack: bool, key: str | None = None
+    ) -> None:
         """Publish from inside the read; the next message waits until Redis answered."""
         self._hold()
-        self._rt.broker.publish_now(channel, data, partial(self._published, channel, ref, ack))
+        self._rt.broker.publish_now(channel, data, partial(self._published, channel, ref, ack), key)
 
     def _published(
         self, channel: str, ref: Ref | None, ack: bool, outcome: str | Exception
@@ -158,7 +159,7 @@ class _ChannelSession(Connection):
             self._rt.metrics.published_ws += 1
             if ack and not self.closing:
                 self.deliver(frames.published(channel, outcome, ref))
-        elif isinstance(outcome, BrokerUnavailable):
+        elif isinstance(outcome, BrokerUnavailable):  # `OutcomeUnknown` too: its own code
             outcome.ref = ref
             self.send_error(outcome)
         else:
@@ -193,9 +194,9 @@ class Session(_ChannelSession):
         try:
             command = parse_command(text, self._rt.limits)
             match command:
-                case Publish(channel, data, ref):
+                case Publish(channel, data, ref, key):
                     self._may_publish(channel, ref)
-                    self._publish_now(channel, data, ref, ack=True)
+                    self._publish_now(channel, data, ref, ack=True, key=key)
                 case Ping(ref):
                     self.deliver(frames.pong(ref))
                 case _:
@@ -214,10 +215,10 @@ class Session(_ChannelSession):
 
     async def _execute(self, command: Command) -> None:
         match command:
-            case Publish(channel, data, ref):
+            case Publish(channel, data, ref, key):
                 self._may_publish(channel, ref)
                 try:
-                    message_id = await self._rt.broker.publish(channel, data)
+                    message_id = await self._rt.broker.publish(channel, data, key)
                 except BrokerUnavailable as exc:
                     exc.ref = ref
                     raise

@@ -140,11 +140,27 @@ class Settings(BaseSettings):
             "that its ids start a new epoch and older ids no longer resume."
         ),
     )
+    idempotency_ttl: PositiveInt = Field(
+        300,
+        description=(
+            "Seconds a publish's idempotency key (Idempotency-Key header, `idempotency_key` "
+            "field) is remembered per channel: a publish with the same key within it "
+            "publishes nothing and gets the first id. Redis keeps it at least "
+            "2 x BROKER_TIMEOUT + 10 s, as long as the publish itself may be retried."
+        ),
+    )
     ws_ping_interval: PositiveFloat = Field(
         20.0, description="Seconds between server pings to each client."
     )
     ws_ping_timeout: PositiveFloat = Field(
         20.0, description="Seconds a client has to answer a ping before it is dropped."
+    )
+    ws_close_timeout: PositiveFloat = Field(
+        20.0,
+        description=(
+            "Seconds a closing connection gets to take its last frames and the close "
+            "frame; then its socket is dropped (a client that never reads holds nothing)."
+        ),
     )
     ws_per_message_deflate: bool = Field(
         False,
@@ -246,6 +262,15 @@ class Settings(BaseSettings):
     )
     max_connections: PositiveInt = Field(
         10_000, description="WebSocket connections per worker; more are closed with 1013."
+    )
+    handshake_timeout: PositiveFloat = Field(
+        10.0,
+        description=(
+            "Seconds a connection has to send its whole request (head and body) and, for a "
+            "WebSocket, to be accepted, from its opening or, kept alive, from the request's "
+            "first byte; then it gets 408 (503 if the app was late) and is closed. Request "
+            "lines and header lines over 8192 bytes get 414 and 431."
+        ),
     )
     max_subscriptions: PositiveInt = Field(
         100, description="Channels one connection may subscribe to."

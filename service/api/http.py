@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.api.deps import RuntimeDep, require_api_key
-from service.broker import HistoryRead, Position
+from service.broker import HistoryRead, Position, Replayed
 from service.channels import validate_channel
 from service.errors import ProtocolError
 from service.protocol.codes import ErrorCode
-from service.protocol.commands import encode_json_value
+from service.protocol.commands import encode_json_value, validate_idempotency_key
 
 # Backends only: every route needs one of API_KEYS (when auth is on).
 router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
@@ -21,7 +21,29 @@ router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
 _DEFAULT_HISTORY_LIMIT = 100
 _MAX_HISTORY_LIMIT = 1000
 
+_KEY_HEADER = "idempotency-key"
+# On the answer to a publish whose Idempotency-Key was used before: nothing was published.
+_REPLAYED = {"Idempotent-Replayed": "true"}
+
+_PUBLISHED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"channel": {"type": "string"}, "id": {"type": "string"}},
+}
 _BODY_SCHEMA: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": (
+                "Up to 64 visible ASCII characters (a UUID, say). A publish to the same "
+                "channel with a key used there within IDEMPOTENCY_TTL publishes nothing and "
+                "is answered with the first id (and `Idempotent-Replayed: true`): retry an "
+                "`outcome_unknown` (504) with the same key."
+            ),
+            "schema": {"type": "string", "maxLength": 64},
+        }
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -33,15 +55,27 @@ _BODY_SCHEMA: dict[str, Any] = {
                 }
             }
         },
-    }
+    },
 }
 
 
-@router.post("/channels/{channel}/messages", openapi_extra=_BODY_SCHEMA)
-async def publish(channel: str, request: Request, runtime: RuntimeDep) -> dict[str, str]:
-    """Publish `data` to `channel`; returns the message id."""
+@router.post(
+    "/channels/{channel}/messages",
+    openapi_extra=_BODY_SCHEMA,
+    responses={200: {"content": {"application/json": {"schema": _PUBLISHED_SCHEMA}}}},
+)
+async def publish(channel: str, request: Request, runtime: RuntimeDep) -> Response:
+    """Publish `data` to `channel`; returns the message id.
+
+    With an `Idempotency-Key` header, a retry with the same key is published at most once.
+    """
     limits = runtime.limits
     validate_channel(channel, limits.max_channel_length)
+    key = request.headers.get(_KEY_HEADER)
+    if key is not None:
+        if len(request.headers.getlist(_KEY_HEADER)) > 1:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, "more than one Idempotency-Key header")
+        key = validate_idempotency_key(key, what="the Idempotency-Key header")
     body = await _read_body(request, runtime.settings.max_frame_bytes)
     try:
         payload = orjson.loads(body)
@@ -52,9 +86,11 @@ async def publish(channel: str, request: Request, runtime: RuntimeDep) -> dict[s
             ErrorCode.INVALID_FRAME, 'body must be a JSON object with a "data" field'
         )
     data = encode_json_value(payload["data"], limits, "data", None)
-    message_id = await runtime.broker.publish(channel, data)
+    message_id = await runtime.broker.publish(channel, data, key)
     runtime.metrics.published_http += 1
-    return {"channel": channel, "id": message_id}
+    answer = orjson.dumps({"channel": channel, "id": message_id})
+    replayed = key is not None and isinstance(message_id, Replayed)
+    return Response(answer, media_type="application/json", headers=_REPLAYED if replayed else None)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

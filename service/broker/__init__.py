@@ -5,6 +5,7 @@ from service.broker.broker import (
     HistoryRead,
     Position,
     Readiness,
+    Replayed,
     Subscription,
     Unsubscribed,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "HistoryRead",
     "Position",
     "Readiness",
+    "Replayed",
     "Subscription",
     "Unsubscribed",
     "check_redis_url",

@@ -19,13 +19,21 @@ from broadcaster import Broadcast, Event
 from broadcaster._backends.memory import MemoryBackend
 from broadcaster._base import Subscriber, Unsubscribed
 
-from service.broker.history import HistoryRead, MemoryHistory, Position
+from service.broker.history import HistoryRead, MemoryHistory, Position, Replayed
 from service.broker.redis_backend import RedisBackend
 from service.broker.redis_history import Published, RedisHistory, publish_token_ttl
 from service.errors import BrokerUnavailable
 from service.settings import Settings
 
-__all__ = ["Broker", "HistoryRead", "Position", "Readiness", "Subscription", "Unsubscribed"]
+__all__ = [
+    "Broker",
+    "HistoryRead",
+    "Position",
+    "Readiness",
+    "Replayed",
+    "Subscription",
+    "Unsubscribed",
+]
 
 _READINESS_PING_TIMEOUT = 2.0
 
@@ -37,9 +45,11 @@ Taker = Callable[[str], bool]
 
 
 class _HistoryStore(Protocol):
-    async def publish(self, channel: str, data: bytes) -> str: ...
+    async def publish(self, channel: str, data: bytes, key: str | None = None) -> str: ...
 
-    def publish_now(self, channel: str, data: bytes, done: Published) -> None: ...
+    def publish_now(
+        self, channel: str, data: bytes, done: Published, key: str | None = None
+    ) -> None: ...
 
     async def after(
         self, channel: str, since: Position | None, limit: int | None
@@ -57,24 +67,30 @@ class _MemoryStore:
             size=settings.history_size,
             ttl=settings.history_ttl,
             meta_ttl=settings.history_meta_ttl,
+            key_ttl=settings.idempotency_ttl,
         )
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def publish(self, channel: str, data: bytes) -> str:
-        message_id, frame = self._history.publish(channel, data)
-        await self._broadcast.publish(channel, frame)
+    async def publish(self, channel: str, data: bytes, key: str | None = None) -> str:
+        message_id, frame = self._history.publish(channel, data, key)
+        if frame is not None:  # None: a replay under `key`, published before
+            await self._broadcast.publish(channel, frame)
         return message_id
 
-    def publish_now(self, channel: str, data: bytes, done: Published) -> None:
+    def publish_now(
+        self, channel: str, data: bytes, done: Published, key: str | None = None
+    ) -> None:
         # broadcaster's publish is a coroutine, even in memory: a task, held until done.
-        task = asyncio.ensure_future(self._publish_then(channel, data, done))
+        task = asyncio.ensure_future(self._publish_then(channel, data, done, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish_then(self, channel: str, data: bytes, done: Published) -> None:
+    async def _publish_then(
+        self, channel: str, data: bytes, done: Published, key: str | None
+    ) -> None:
         # `done` in the task's own step, as an awaiting caller would go on.
         try:
-            message_id = await self.publish(channel, data)
+            message_id = await self.publish(channel, data, key)
         except asyncio.CancelledError:
             done(BrokerUnavailable("the publish was cancelled: the worker is stopping"))
             raise
@@ -161,6 +177,7 @@ class Broker:
                 ttl=settings.history_ttl,
                 meta_ttl=settings.history_meta_ttl,
                 token_ttl=publish_token_ttl(settings.broker_timeout),
+                key_ttl=settings.idempotency_ttl,
             )
             self._broadcast = _Broadcast(backend=self._redis)
             self._redis.dispatch = self._broadcast.dispatch
@@ -177,17 +194,25 @@ class Broker:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._broadcast.disconnect()
 
-    async def publish(self, channel: str, data: bytes) -> str:
-        """Publish `data` (JSON) to `channel` as a `message` frame, keep it; return its id."""
-        return await self._history.publish(channel, data)
+    async def publish(self, channel: str, data: bytes, key: str | None = None) -> str:
+        """Publish `data` (JSON) to `channel` as a `message` frame, keep it; return its id.
 
-    def publish_now(self, channel: str, data: bytes, done: Published) -> None:
+        `key`, a client's idempotency key: a publish to `channel` with a key used there
+        within IDEMPOTENCY_TTL publishes nothing and returns the first id, as `Replayed`.
+        Raises `BrokerUnavailable` when nothing was published, and its subclass
+        `OutcomeUnknown` when Redis may have published it (retry with a key then).
+        """
+        return await self._history.publish(channel, data, key)
+
+    def publish_now(
+        self, channel: str, data: bytes, done: Published, key: str | None = None
+    ) -> None:
         """`publish` from synchronous code: `done` gets the id, or what `publish` raises.
 
         `done` is called later, never from inside this call; with Redis, from inside the
         read of the script's reply when the publish connection is up.
         """
-        self._history.publish_now(channel, data, done)
+        self._history.publish_now(channel, data, done, key)
 
     async def history_after(
         self, channel: str, since: Position | None, limit: int | None = None

@@ -42,6 +42,16 @@ class Position:
         return other.epoch == self.epoch and other.seq <= self.seq
 
 
+class Replayed(str):
+    """The id of the message an earlier publish with the same idempotency key published.
+
+    The publish answered with it published nothing. A `str`, so that code that only
+    wants the id need not care.
+    """
+
+    __slots__ = ()
+
+
 def new_epoch() -> str:
     """A fresh epoch name: 8 random base-32 characters (40 bits), 0-9 and a-v."""
     # Every publish makes one (the script keeps it only for a channel's first message).
@@ -106,7 +116,9 @@ class MemoryHistory:
 
     Epochs live in the process, so a restart starts every channel's history anew, as a
     Redis restart without persistence does. A channel unused for `meta_ttl` seconds is
-    forgotten (checked whenever some channel is published to).
+    forgotten (checked whenever some channel is published to). A publish's idempotency
+    key is remembered for `key_ttl` seconds, per channel (forgotten when a later
+    publish with a key finds it expired).
     """
 
     def __init__(
@@ -115,17 +127,31 @@ class MemoryHistory:
         size: int,
         ttl: float,
         meta_ttl: float,
+        key_ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._size = size
         self._ttl = ttl
         self._meta_ttl = meta_ttl
+        self._key_ttl = key_ttl
         self._clock = clock
         self._channels: dict[str, _MemoryChannel] = {}
         self._next_sweep = clock() + meta_ttl
+        # (channel, idempotency key) -> (message id, when the key expires), in the order
+        # they were made: with one TTL for all, the order in which they expire.
+        self._keys: dict[tuple[str, str], tuple[str, float]] = {}
 
-    def publish(self, channel: str, data: bytes) -> tuple[str, str]:
-        """Assign the next id, keep the frame; return (id, frame)."""
+    def publish(self, channel: str, data: bytes, key: str | None = None) -> tuple[str, str | None]:
+        """Assign the next id, keep the frame; return (id, frame).
+
+        With `key`, a client's idempotency key already used on `channel` within
+        `key_ttl`: nothing is published, and the answer is (the first id as `Replayed`,
+        None).
+        """
+        if key is not None:
+            replayed = self._replayed(channel, key)
+            if replayed is not None:
+                return replayed, None
         state = self._touch(channel)
         state.seq += 1
         state.last_published = state.last_used
@@ -134,8 +160,22 @@ class MemoryHistory:
         frame = (head + message_id.encode() + tail).decode()
         if self._size:
             state.entries.append((state.seq, frame))
+        if key is not None:
+            self._keys[channel, key] = (message_id, state.last_used + self._key_ttl)
         self._sweep()
         return message_id, frame
+
+    def _replayed(self, channel: str, key: str) -> Replayed | None:
+        """The id published under `key` on `channel`, while the key lasts."""
+        keys, now = self._keys, self._clock()
+        # Expired keys go first: the oldest are at the front.
+        while keys:
+            oldest = next(iter(keys))
+            if keys[oldest][1] > now:
+                break
+            del keys[oldest]
+        known = keys.get((channel, key))
+        return None if known is None else Replayed(known[0])
 
     def after(self, channel: str, since: Position | None, limit: int | None) -> HistoryRead:
         """Messages after `since` (at most `limit`), judged as `read_after` does."""

@@ -9,7 +9,10 @@ Per channel, two keys (hash-tagged by channel, so both land in one Cluster slot)
   `<seq>-0`: reading "after seq N" is one XRANGE, and a gap shows as a missing seq.
 
 Publishing runs in one script, so a message is numbered, kept and published at once
-(or not at all), and every worker forwards the same bytes.
+(or not at all), and every worker forwards the same bytes. Each publish carries a token
+key that Redis keeps after running it: a random one, or one made of the client's
+idempotency key, `<prefix>idem:{<channel>}:<key>` (in the channel's slot). A call whose
+token exists is skipped and answered with the id the token holds.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
-from service.broker.history import HistoryRead, Position, new_epoch, read_after
+from service.broker.history import HistoryRead, Position, Replayed, new_epoch, read_after
 from service.broker.randomness import hex_name
-from service.broker.redis_pipe import ScriptPipe
-from service.errors import BrokerUnavailable
+from service.broker.redis_pipe import ScriptPipe, Unanswered
+from service.errors import BrokerUnavailable, OutcomeUnknown
 from service.protocol.frames import message_parts
 
-#: Gets a publish's message id, or the exception it failed with (`BrokerUnavailable`).
+#: Gets a publish's message id (`Replayed` if an earlier publish with its idempotency key
+#: had it), or the exception it failed with (`BrokerUnavailable`, or its `OutcomeUnknown`).
 Published = Callable[[str | Exception], None]
 
 # The publish script (bench/floor.py runs it too). KEYS: meta hash, stream, this
@@ -37,11 +41,12 @@ Published = Callable[[str | Exception], None]
 # ARGV: frame head, frame tail, pub/sub channel, candidate epoch, history size,
 #       history TTL, meta TTL, token TTL.
 # The token makes a retried call (the connection broke after Redis ran the script but
-# before its reply arrived) return the first call's id instead of publishing twice.
+# before its reply arrived), or a client's retry with the same idempotency key, return the
+# first call's id instead of publishing twice; as an array, to tell that answer apart.
 # A new epoch means the old history is meaningless (and its entry ids could collide).
 PUBLISH_SCRIPT = """
 local done = redis.call('GET', KEYS[3])
-if done then return done end
+if done then return {done} end
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[4]) == 1 then redis.call('DEL', KEYS[2]) end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
@@ -101,7 +106,9 @@ class RedisHistory:
         ttl: int,
         meta_ttl: int,
         token_ttl: int,
+        key_ttl: int = 0,
     ) -> None:
+        """`key_ttl`: seconds a publish's idempotency key is kept (at least `token_ttl`)."""
         self._pubsub_key = pubsub_key
         self._prefix = prefix
         self._size = size
@@ -109,28 +116,40 @@ class RedisHistory:
         self._meta_ttl = meta_ttl
         # Must outlive every retry of one call (see `publish_token_ttl`).
         self._token_ttl = token_ttl
+        # A client's key is that call's token too: it must outlive the retries as well.
+        self._key_ttl = max(key_ttl, token_ttl)
         # The hot path: a connection of its own, pipelined (service/broker/redis_pipe.py).
         self._publish = pipe(PUBLISH_SCRIPT)
         self._read = client.register_script(_READ)
 
-    async def publish(self, channel: str, data: bytes) -> str:
-        """Number `data`'s `message` frame, keep it and PUBLISH it; return its id."""
-        keys, args = self._publish_call(channel, data)
+    async def publish(self, channel: str, data: bytes, key: str | None = None) -> str:
+        """Number `data`'s `message` frame, keep it and PUBLISH it; return its id.
+
+        With `key` (a client's idempotency key), a publish with the same key to the same
+        channel within the key's TTL is not published again: its id, as `Replayed`.
+        Raises `BrokerUnavailable` when Redis did not publish it, `OutcomeUnknown` when
+        it may have.
+        """
+        keys, args = self._publish_call(channel, data, key)
         try:
-            message_id = await self._publish(keys=keys, args=args)
+            reply = await self._publish(keys=keys, args=args)
         except RedisError as exc:
             raise _unavailable(exc) from exc
-        return _text(message_id)
+        return _message_id(reply)
 
-    def publish_now(self, channel: str, data: bytes, done: Published) -> None:
+    def publish_now(
+        self, channel: str, data: bytes, done: Published, key: str | None = None
+    ) -> None:
         """`publish` without waiting: `done` gets the id, or the exception `publish` raises.
 
         Called later, never from inside this call (service/broker/redis_pipe.py, `start`).
         """
-        keys, args = self._publish_call(channel, data)
+        keys, args = self._publish_call(channel, data, key)
         self._publish.start(keys, args, partial(_published, done))
 
-    def _publish_call(self, channel: str, data: bytes) -> tuple[list[EncodableT], list[EncodableT]]:
+    def _publish_call(
+        self, channel: str, data: bytes, key: str | None
+    ) -> tuple[list[EncodableT], list[EncodableT]]:
         return publish_call(
             channel,
             data,
@@ -140,6 +159,8 @@ class RedisHistory:
             ttl=self._ttl,
             meta_ttl=self._meta_ttl,
             token_ttl=self._token_ttl,
+            key=key,
+            key_ttl=self._key_ttl,
         )
 
     async def after(self, channel: str, since: Position | None, limit: int | None) -> HistoryRead:
@@ -179,11 +200,23 @@ def publish_call(
     ttl: int,
     meta_ttl: int,
     token_ttl: int,
+    key: str | None = None,
+    key_ttl: int = 0,
 ) -> tuple[list[EncodableT], list[EncodableT]]:
-    """KEYS and ARGV of `PUBLISH_SCRIPT` for one message (bench/floor.py sends them too)."""
+    """KEYS and ARGV of `PUBLISH_SCRIPT` for one message (bench/floor.py sends them too).
+
+    With `key`, the client's idempotency key (validated: no spaces, at most 64
+    characters), the token is made of it and kept `key_ttl` seconds (at least
+    `token_ttl`); else it is random, kept `token_ttl`.
+    """
     head, tail = message_parts(channel, data)
     meta, stream = _keys(prefix, channel)
-    token = f"{prefix}pub:{{{channel}}}:{hex_name()}"
+    if key is None:
+        token = f"{prefix}pub:{{{channel}}}:{hex_name()}"
+    else:
+        # After the channel's hash tag, a brace in `key` does not move the key's slot.
+        token = f"{prefix}idem:{{{channel}}}:{key}"
+        token_ttl = max(key_ttl, token_ttl)
     args: list[EncodableT] = [head, tail, pubsub_key, new_epoch(), size, ttl, meta_ttl, token_ttl]
     return [meta, stream, token], args
 
@@ -207,7 +240,7 @@ def publish_token_ttl(timeout: float) -> int:
 def _published(done: Published, reply: Any) -> None:
     """A publish script's reply as `publish` would return it (or raise it) to `done`."""
     if not isinstance(reply, Exception):
-        done(_text(reply))
+        done(_message_id(reply))
     elif isinstance(reply, RedisError):
         unavailable = _unavailable(reply)
         unavailable.__cause__ = reply
@@ -216,7 +249,23 @@ def _published(done: Published, reply: Any) -> None:
         done(reply)
 
 
+def _message_id(reply: Any) -> str:
+    """The id in a publish script's reply: `[id]` when the call was skipped (its token)."""
+    if isinstance(reply, bytes):  # first: the hot path
+        return reply.decode()
+    if isinstance(reply, list):
+        return Replayed(_text(reply[0]))
+    return str(reply)
+
+
 def _unavailable(error: RedisError) -> BrokerUnavailable:
+    """What the client is told: `OutcomeUnknown` if Redis may have published it."""
+    if isinstance(error, Unanswered):
+        return OutcomeUnknown(
+            f"Redis did not answer ({error}): the message may or may not have been "
+            "published; publish it again with the same idempotency key to publish it at "
+            "most once"
+        )
     return BrokerUnavailable(f"Redis did not accept the message: {error}")
 
 

@@ -21,6 +21,13 @@ What the pooled path promised still holds:
 * Concurrent calls share one connection attempt: while Redis does not answer, they all
   fail after one connect timeout, not one after another.
 
+What a failed call says is true: each call remembers whether one of its attempts was
+written and then failed without a reply (it timed out, or its connection was lost or
+closed under it). Redis may have run such an attempt, so the call fails with
+`Unanswered` (still of the kind its last error was: a timeout stays a `TimeoutError`).
+Any other failure means Redis did not run it: no attempt reached Redis, or every one
+that did got a reply saying it did not run (NOSCRIPT, an error reply).
+
 `start` makes a call from synchronous code (the publishing session's read) and hands
 its reply to a callback from inside the read that brought it: no task step on either
 side (service/session.py). What its first write cannot settle (no connection yet, a
@@ -59,6 +66,74 @@ class PipeClosed(RedisError):
     """The pipe was closed (the worker is shutting down): not retried."""
 
 
+class Unanswered(RedisError):
+    """A call failed after one of its attempts was written and got no reply: it may have run.
+
+    Raised as a subclass that is also of its last error's kind (`TimeoutError`,
+    `ConnectionError`, `PipeClosed`), which is its `__cause__`.
+    """
+
+
+class _UnansweredTimeout(Unanswered, RedisTimeoutError):
+    """`Unanswered`, ended by a timeout."""
+
+
+class _UnansweredLoss(Unanswered, RedisConnectionError):
+    """`Unanswered`, ended by a connection error."""
+
+
+class _UnansweredClose(Unanswered, PipeClosed):
+    """`Unanswered`, ended by the pipe closing."""
+
+
+def _unanswered(error: RedisError) -> Unanswered:
+    kind: type[Unanswered] = Unanswered
+    if isinstance(error, PipeClosed):
+        kind = _UnansweredClose
+    elif isinstance(error, RedisTimeoutError):
+        kind = _UnansweredTimeout
+    elif isinstance(error, RedisConnectionError):
+        kind = _UnansweredLoss
+    # The same words: what is new is said by the class.
+    unanswered = kind(str(error))
+    unanswered.__cause__ = error
+    return unanswered
+
+
+class _NoReply(Exception):
+    """What a waiter gets when its call was written and then failed without a reply."""
+
+    def __init__(self, error: RedisError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Call:
+    """One call of the script across its attempts, and what is known of its outcome."""
+
+    __slots__ = ("deadline", "on_reply", "parts", "unanswered")
+
+    def __init__(
+        self,
+        parts: list[EncodableT],
+        deadline: float,
+        on_reply: OnReply | None = None,
+        unanswered: bool = False,
+    ) -> None:
+        self.parts = parts
+        self.deadline = deadline
+        # A `start` call's: its reply goes there from inside its read.
+        self.on_reply = on_reply
+        # An attempt was written and failed without a reply: Redis may have run it.
+        self.unanswered = unanswered
+
+    def failed(self, error: Exception) -> Exception:
+        """What the call fails with, when its last attempt failed with `error`."""
+        if self.unanswered and isinstance(error, RedisError):
+            return _unanswered(error)
+        return error  # Redis did not run it (or a bug, which claims nothing)
+
+
 class _Link:
     """One connection: calls in flight, in the order they were written."""
 
@@ -75,15 +150,19 @@ class _Link:
         self._tap = ReplyTap(conn, self._reply, on_end=self._ended)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
-        """Write one packed command; the future gets its reply (or the error reply)."""
+        """Write one packed command; the future gets its reply.
+
+        It raises the error reply, or `_NoReply` if the call fails without a reply.
+        """
         future = self.loop.create_future()
         self._write(packed, future)
         return future
 
     def send_then(self, packed: bytes, on_reply: OnReply) -> None:
-        """Write one packed command; `on_reply` gets its reply, or the exception it failed with.
+        """Write one packed command; `on_reply` gets its reply, or why there is none.
 
-        Called from inside the read that brings the reply (or from where the call
+        That is an error reply as its exception, or `_NoReply` if the call fails without
+        a reply. Called from inside the read that brings the reply (or from where the call
         fails). An exception it raises is logged: it must not end this connection.
         """
         self._write(packed, on_reply)
@@ -122,7 +201,7 @@ class _Link:
         timed_out = RedisTimeoutError(f"no reply from Redis within {self._timeout:g} s")
         while self._waiting and now - self._waiting[0][0] >= self._timeout:
             _, waiter = self._waiting.popleft()
-            _settle(waiter, timed_out)
+            _settle(waiter, _NoReply(timed_out))
         self.close(RedisConnectionError("an earlier call on this connection timed out"))
 
     def _reply(self, reply: Any) -> None:
@@ -138,7 +217,7 @@ class _Link:
             self.close(RedisConnectionError(f"Redis connection lost: {reason!r}"))
 
     def close(self, error: RedisError) -> None:
-        """Fail every call in flight with `error`, and reset the connection."""
+        """Fail every call in flight with `error` (as `_NoReply`), and reset the connection."""
         if self.broken is not None:
             return
         self.broken = error
@@ -147,7 +226,7 @@ class _Link:
             self._watchdog = None
         while self._waiting:
             _, waiter = self._waiting.popleft()
-            _settle(waiter, error)
+            _settle(waiter, _NoReply(error))
         self._tap.end(error)
 
 
@@ -200,10 +279,12 @@ class ScriptPipe:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, keys: list[EncodableT], args: list[EncodableT]) -> Any:
-        """Run the script (EVALSHA; EVAL once Redis says it does not have it)."""
-        call = [len(keys), *keys, *args]
+        """Run the script (EVALSHA; EVAL once Redis says it does not have it).
+
+        Fails with `Unanswered` if Redis may have run it (see the module's docstring).
+        """
         deadline = asyncio.get_running_loop().time() + self._timeout
-        return await self._call(call, deadline, self._retry)
+        return await self._call(_Call([len(keys), *keys, *args], deadline), self._retry)
 
     def start(self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply) -> None:
         """Run the script without waiting: `on_reply` gets the reply, or the exception.
@@ -214,78 +295,80 @@ class ScriptPipe:
         than a fan-out of the message from that worker's pub/sub read (service/hub.py).
         With the connection up, the EVALSHA is written now. If that attempt fails on the
         connection, the call is retried at once as `__call__` would, in a task, within
-        the same deadline and with the attempt counted; if Redis lacks the script, EVAL
-        follows. Without a usable connection, all of it runs in a task. Errors come
-        from that task.
+        the same deadline and with the attempt counted (and remembered as unanswered);
+        if Redis lacks the script, EVAL follows. Without a usable connection, all of it
+        runs in a task. Errors come from that task.
         """
-        call = [len(keys), *keys, *args]
+        parts = [len(keys), *keys, *args]
         link = self._link
         if not self._closed and link is not None and link.broken is None:
             deadline = link.loop.time() + self._timeout
-            packed = hiredis.pack_command((b"EVALSHA", self._sha, *call))  # type: ignore[arg-type]
+            packed = hiredis.pack_command((b"EVALSHA", self._sha, *parts))  # type: ignore[arg-type]
             try:
-                link.send_then(packed, partial(self._first_reply, call, deadline, on_reply))
+                # The call's state is made only if this attempt fails: not on the hot path.
+                link.send_then(packed, partial(self._first_reply, parts, deadline, on_reply))
                 return
             except RedisError:
                 pass  # the link closed itself and nothing was written: the path below
         deadline = asyncio.get_running_loop().time() + self._timeout
-        self._finish(call, deadline, self._retry, on_reply)
+        self._finish(_Call(parts, deadline, on_reply), self._retry, on_reply)
 
     def _first_reply(
-        self, call: list[EncodableT], deadline: float, on_reply: OnReply, reply: Any
+        self, parts: list[EncodableT], deadline: float, on_reply: OnReply, reply: Any
     ) -> None:
         if not isinstance(reply, Exception):
             on_reply(reply)
-        elif isinstance(reply, NoScriptError):
-            self._finish(call, deadline, None, on_reply)
-        elif isinstance(reply, RedisConnectionError) and self._retry_after_start is not None:
-            self._finish(call, deadline, self._retry_after_start, on_reply)
+            return
+        # That attempt failed: the call goes on as `_call` would, knowing what it told.
+        error: Exception = reply
+        unanswered = isinstance(reply, _NoReply)
+        if isinstance(reply, _NoReply):
+            error = reply.error
+        call = _Call(parts, deadline, on_reply, unanswered)
+        if isinstance(error, NoScriptError):
+            self._finish(call, None, on_reply)
+        elif isinstance(error, RedisConnectionError) and self._retry_after_start is not None:
+            self._finish(call, self._retry_after_start, on_reply)
         else:
-            on_reply(reply)
+            on_reply(call.failed(error))
 
-    def _finish(
-        self, call: list[EncodableT], deadline: float, retry: Retry | None, on_reply: OnReply
-    ) -> None:
+    def _finish(self, call: _Call, retry: Retry | None, on_reply: OnReply) -> None:
         """The rest of a `start` call, in a task: replies still go out from their read."""
-        task = asyncio.ensure_future(self._call_then(call, deadline, retry, on_reply))
+        task = asyncio.ensure_future(self._call_then(call, retry, on_reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call_then(
-        self, call: list[EncodableT], deadline: float, retry: Retry | None, on_reply: OnReply
-    ) -> None:
+    async def _call_then(self, call: _Call, retry: Retry | None, on_reply: OnReply) -> None:
         try:
-            await self._call(call, deadline, retry, on_reply)
+            await self._call(call, retry)
         except asyncio.CancelledError:
             # Only a worker that is stopping cancels tasks it did not make.
-            on_reply(PipeClosed("the call was cancelled: the worker is stopping"))
+            on_reply(call.failed(PipeClosed("the call was cancelled: the worker is stopping")))
             raise
         except Exception as exc:
-            on_reply(exc)
+            on_reply(exc)  # already what the call fails with (`_call`)
 
-    async def _call(
-        self,
-        call: list[EncodableT],
-        deadline: float,
-        retry: Retry | None,
-        on_reply: OnReply | None = None,
-    ) -> Any:
+    async def _call(self, call: _Call, retry: Retry | None) -> Any:
         """EVALSHA with `retry` (None: straight to EVAL), then EVAL if Redis lacks the script.
 
-        With `on_reply`, the reply goes to it from inside its read, and this returns None.
+        With `call.on_reply`, the reply goes to it from inside its read, and this returns
+        None. Fails with what the call fails with (`_Call.failed`).
         """
-        if retry is not None:
-            try:
-                return await retry.call_with_retry(
-                    lambda: self._attempt(b"EVALSHA", self._sha, call, deadline, on_reply),
-                    _ignore,
-                )
-            except NoScriptError:
-                pass
-        # New to this Redis (or its script cache was flushed): EVAL caches it again.
-        return await self._retry.call_with_retry(
-            lambda: self._attempt(b"EVAL", self._script, call, deadline, on_reply), _ignore
-        )
+        try:
+            if retry is not None:
+                try:
+                    return await retry.call_with_retry(
+                        partial(self._attempt, b"EVALSHA", self._sha, call), _ignore
+                    )
+                except NoScriptError:
+                    pass
+            # New to this Redis (or its script cache was flushed): EVAL caches it again.
+            return await self._retry.call_with_retry(
+                partial(self._attempt, b"EVAL", self._script, call), _ignore
+            )
+        except RedisError as error:
+            failure = call.failed(error)
+        raise failure
 
     async def close(self) -> None:
         """Stop: calls in flight and later calls fail (`PipeClosed`), nothing reconnects."""
@@ -296,36 +379,38 @@ class ScriptPipe:
             link.close(PipeClosed("the publish connection was closed"))
             await link.conn.disconnect(nowait=True)
 
-    async def _attempt(
-        self,
-        command: bytes,
-        script: bytes,
-        call: list[EncodableT],
-        deadline: float,
-        on_reply: OnReply | None,
-    ) -> Any:
+    async def _attempt(self, command: bytes, script: bytes, call: _Call) -> Any:
         if self._closed:
             raise PipeClosed("the publish connection was closed")
-        if asyncio.get_running_loop().time() >= deadline:
+        if asyncio.get_running_loop().time() >= call.deadline:
             raise RedisTimeoutError(f"Redis did not take the call within {self._timeout:g} s")
         link = self._link
         if link is None or link.broken is not None:
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(call.deadline):
                     link = await self._connect()
             except TimeoutError:
                 message = f"no connection to Redis within {self._timeout:g} s"
                 raise RedisTimeoutError(message) from None
         # hiredis's stub types the argument as a tuple of one item; it takes any number.
-        packed = hiredis.pack_command((command, script, *call))  # type: ignore[arg-type]
+        packed = hiredis.pack_command((command, script, *call.parts))  # type: ignore[arg-type]
+        on_reply = call.on_reply
         if on_reply is None:
-            return await link.send(packed)
-        # A reply goes to `on_reply` from inside its read; an error fails this attempt,
-        # for the retry policy to judge.
-        attempt = link.loop.create_future()
-        link.send_then(packed, partial(_hand_over, attempt, on_reply))
-        await attempt
-        return None
+            waiting = link.send(packed)
+        else:
+            # A reply goes to `on_reply` from inside its read; an error fails this attempt,
+            # for the retry policy to judge.
+            waiting = link.loop.create_future()
+            link.send_then(packed, partial(_hand_over, waiting, on_reply))
+        # Written: from here on, Redis may run it whether or not a reply comes back.
+        try:
+            return await waiting
+        except _NoReply as lost:
+            call.unanswered = True
+            raise lost.error from None
+        except asyncio.CancelledError:
+            call.unanswered = True  # a reply that still comes is nobody's
+            raise
 
     async def _connect(self) -> _Link:
         # Every caller waits for the same attempt (shielded: one caller giving up does
@@ -359,7 +444,7 @@ class ScriptPipe:
         return link
 
 
-def _hand_over(attempt: asyncio.Future[None], on_reply: OnReply, reply: Any) -> None:
+def _hand_over(attempt: asyncio.Future[Any], on_reply: OnReply, reply: Any) -> None:
     """A reply to `on_reply` at once, an error to the attempt that waits for it."""
     if attempt.done():
         return  # its task was cancelled (the worker stops): the reply is nobody's now

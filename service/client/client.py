@@ -229,16 +229,22 @@ class Client:
             return  # the server dropped the subscription with the connection
         await done
 
-    async def publish(self, channel: str, data: Any) -> str:
+    async def publish(self, channel: str, data: Any, *, idempotency_key: str | None = None) -> str:
         """Publish `data` to `channel`; the id Redis gave the message.
 
         Raises `ClientError` on an error reply, `ConnectionLost` when the connection
         closes before the reply (it may or may not have been published), and
         `NotConnected` at once when there is no open connection: nothing is queued.
+        Nothing is retried here. To retry after `ConnectionLost` or the error
+        `outcome_unknown` (it may have been published), give an `idempotency_key` (up
+        to 64 visible ASCII characters, a UUID say) and the same one again: a publish
+        to the channel with a key used there within the server's IDEMPOTENCY_TTL
+        publishes nothing and gets the first id.
         """
-        return await self._request(
-            self._publishes, {"type": "publish", "channel": channel, "data": data}
-        )
+        frame = {"type": "publish", "channel": channel, "data": data}
+        if idempotency_key is not None:
+            frame["idempotency_key"] = idempotency_key
+        return await self._request(self._publishes, frame)
 
     async def refresh(self, token: str | None = None) -> float | None:
         """Replace the connection's token before it expires; the new token's `exp`.

@@ -34,4 +34,5 @@ class ErrorCode(StrEnum):
     INVALID_TOKEN = "invalid_token"
     UNAUTHORIZED = "unauthorized"
     UNAVAILABLE = "unavailable"
+    OUTCOME_UNKNOWN = "outcome_unknown"
     INTERNAL = "internal"

@@ -6,6 +6,7 @@ the command's `ref` whenever the frame got far enough to have a usable one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -15,6 +16,9 @@ from service.errors import ProtocolError, Ref
 from service.protocol.codes import ErrorCode
 
 MAX_REF_LENGTH = 128
+MAX_IDEMPOTENCY_KEY_LENGTH = 64
+# Visible ASCII, no spaces: a key fits an HTTP header as is, and a Redis key name.
+_IDEMPOTENCY_KEY = re.compile(f"[!-~]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +49,16 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """Publish `data` (already encoded as compact JSON) to `channel`."""
+    """Publish `data` (already encoded as compact JSON) to `channel`.
+
+    `idempotency_key`: a publish to `channel` with a key used there before (within
+    IDEMPOTENCY_TTL) publishes nothing and is answered with the first id.
+    """
 
     channel: str
     data: bytes
     ref: Ref | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,20 @@ def encode_json_value(value: object, limits: Limits, what: str, ref: Ref | None)
     return encoded
 
 
+def validate_idempotency_key(
+    value: object, ref: Ref | None = None, what: str = "idempotency_key"
+) -> str:
+    """`value` if it is a usable idempotency key, else `ProtocolError` (`invalid_frame`)."""
+    if isinstance(value, str) and _IDEMPOTENCY_KEY.fullmatch(value):
+        return value
+    raise ProtocolError(
+        ErrorCode.INVALID_FRAME,
+        f"{what} must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters "
+        "(letters, digits, punctuation; no spaces), such as a UUID",
+        ref=ref,
+    )
+
+
 def _parse_ref(frame: dict[str, object]) -> Ref | None:
     ref = frame.get("ref")
     if ref is None:
@@ -119,7 +142,11 @@ def parse_command(text: str | bytes, limits: Limits) -> Command:
             raise ProtocolError(
                 ErrorCode.INVALID_FRAME, 'publish needs a "data" field (any JSON value)', ref=ref
             )
-        return Publish(channel, encode_json_value(frame["data"], limits, "data", ref), ref)
+        data = encode_json_value(frame["data"], limits, "data", ref)
+        key = frame.get("idempotency_key")
+        if key is not None:
+            key = validate_idempotency_key(key, ref)
+        return Publish(channel, data, ref, key)
     if kind == "subscribe":
         channel = validate_channel(frame.get("channel"), limits.max_channel_length, ref=ref)
         since = frame.get("since")

@@ -152,15 +152,22 @@ export class BroadcastClient extends EventTarget {
     }
   }
 
-  /** A Promise of the id Redis gave the message. Nothing is queued while disconnected. */
-  publish(channel, data) {
+  /**
+   * A Promise of the id Redis gave the message. Nothing is queued while disconnected,
+   * and nothing is retried. To retry after "connection_lost" or "outcome_unknown" (it
+   * may have been published), pass the same `idempotencyKey` (up to 64 visible ASCII
+   * characters, such as crypto.randomUUID()) each time: it is published at most once.
+   */
+  publish(channel, data, { idempotencyKey } = {}) {
     if (!this.#ready) {
       return Promise.reject(clientError("not_connected", "not connected"));
     }
     const ref = this.#nextRef++;
+    const frame = { type: "publish", channel, data, ref };
+    if (idempotencyKey !== undefined) frame.idempotency_key = idempotencyKey;
     return new Promise((resolve, reject) => {
       this.#replies.set(ref, { kind: "publish", channel, resolve, reject });
-      this.#send({ type: "publish", channel, data, ref });
+      this.#send(frame);
     });
   }
 

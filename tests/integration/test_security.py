@@ -484,6 +484,40 @@ async def test_simple_mode_on_an_allowed_channel_refuses_unallowed_publishes(
     await client.close()
 
 
+async def test_patterns_with_many_stars_do_not_stall_the_worker(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    # Found by attacking a worker: these patterns, compiled to one regex with a `.*` per
+    # `*`, held its event loop for over 30 s (the second for seconds) per subscribe to a
+    # 128-character channel name, every other client of the worker waiting.
+    worker = make_worker(
+        *redis_args(redis_server, prefix, "--jwt-secret", SECRET), *AUDIENCE_AND_ISSUER
+    )
+    patterns = ["a*a*a*a*a*a*a*a*a*a*b", "*:*:*:*:*:x"]
+    mallory = await welcomed(worker, token("mallory", channels={"subscribe": patterns}))
+    witness = await welcomed(worker, token())
+    try:
+        hostile = ["a" * 128, ":" * 128]  # the longest names the worker accepts
+        for ref, channel in enumerate(hostile):
+            await mallory.send({"type": "subscribe", "channel": channel, "ref": ref})
+        # Pings sent while the worker checks the subscribes (the first may come before
+        # it starts), each answered within the usual deadline of a reply.
+        for _ in range(3):
+            await witness.alive()
+        for ref in range(len(hostile)):
+            error = await mallory.recv()
+            assert (error["type"], error["code"], error["ref"]) == ("error", "forbidden", ref)
+        # The patterns are in force, not refused wholesale.
+        await mallory.subscribe("a" * 127 + "b", ref="fits-a")
+        await mallory.subscribe(":::::x", ref="fits-colons")
+    finally:
+        # Closed even after a failure (aborted if a stalled worker never answers the
+        # close): a socket left to the garbage collector fails a later test.
+        for client in (mallory, witness):
+            await client.close()
+            client.connection.transport.abort()
+
+
 # --- 4. token expiry and refresh --------------------------------------------------------
 
 
@@ -869,6 +903,40 @@ async def test_tokens_secrets_and_keys_never_reach_the_log(
         parts = fragments(signature(jwt_text))
         leaks = [line for line in log.splitlines() if any(part in line for part in parts)]
         assert not leaks, f"part of a token's signature is in the log: {leaks}"
+
+
+async def test_a_token_under_another_spelling_of_its_name_never_reaches_the_log(
+    make_worker: WorkerFactory, redis_server: RedisServer, prefix: str
+) -> None:
+    # The worker decodes query parameters before looking for `token`, so `tok%65n`
+    # presents a token; with its value percent-encoded too, no pattern recognised it.
+    secret = "log-secret-" + unique("") + "-" + "0123456789abcdef" * 3
+    worker = make_worker(
+        *redis_args(redis_server, prefix, "--jwt-secret", secret, "--log-level", "debug")
+    )
+    tokens = [token(key=secret, aud=MISSING, iss=MISSING, n=n) for n in range(3)]
+    queries = [
+        f"tok%65n={tokens[0]}",
+        f"tok%65n={tokens[1].replace('.', '%2E')}",
+        "%74oken=" + "".join(f"%{byte:02X}" for byte in tokens[2].encode()),
+    ]
+    for query in queries:
+        client = await connect(worker, path="/ws?" + query)
+        try:
+            await client.welcome()  # accepted: the worker read the token
+            await client.alive()
+        finally:
+            await client.close()
+    worker.stop()
+
+    log = worker.log()
+    for jwt_text in tokens:
+        parts = fragments(signature(jwt_text))
+        leaks = [line for line in log.splitlines() if any(part in line for part in parts)]
+        assert not leaks, f"part of a token's signature is in the log: {leaks}"
+    # Logged, with the spelling the client used.
+    assert '"WebSocket /ws?tok%65n=[redacted]" [accepted]' in log, log
+    assert '"WebSocket /ws?%74oken=[redacted]" [accepted]' in log, log
 
 
 # --- refresh hardening ------------------------------------------------------------------

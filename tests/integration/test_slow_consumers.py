@@ -51,7 +51,9 @@ async def test_healthy_clients_keep_their_latency_while_a_slow_one_is_cut_off(
             "500000",
             "--ws-ping-interval",
             "300",
-        )
+        ),
+        # Its 1013 waits for it to read again, which it does only at the end.
+        env={"WS_CLOSE_TIMEOUT": "300"},
     )
     channel = unique("mixed")
     # The slow client: a tiny receive buffer, and it never reads after subscribing.

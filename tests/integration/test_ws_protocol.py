@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
-from tests.helpers import Client, Worker, seq_of, unique, wait_for
+from tests.helpers import UNIT, Client, Worker, seq_of, unique, wait_for
 
 
 async def connect(worker: Worker) -> Client:
@@ -267,3 +270,52 @@ def _wait(condition: Any) -> None:
 
 def _prefix_of(worker: Worker) -> str:
     return worker.args[worker.args.index("--redis-prefix") + 1]
+
+
+async def test_a_text_frame_inside_a_fragmented_message_closes_with_1002(worker: Worker) -> None:
+    # RFC 6455 5.4: between a first fragment and its continuation only control frames
+    # may come. The three parts go in separate reads (a pong proves each was read):
+    # nothing of them may be published, and the connection fails with 1002.
+    channel = unique("frag")
+    listener = await connect(worker)
+    await listener.subscribe(channel)
+    reader, writer = await asyncio.open_connection(worker.host, worker.port)
+    client = ClientProtocol(parse_uri(worker.ws + "/ws"))
+    client.send_request(client.connect())
+
+    async def exchange(until: Any) -> list[Any]:
+        """Write what the client has to send, then read until `until(frames)` holds."""
+        writer.write(b"".join(client.data_to_send()))
+        seen: list[Any] = []
+        while not until(seen):
+            data = await asyncio.wait_for(reader.read(65536), 5 * UNIT)
+            client.receive_data(data)
+            seen += client.events_received()
+            if not data:
+                break
+        return seen
+
+    await exchange(lambda seen: client.state is not State.CONNECTING and seen)  # welcome
+    head = '{"type":"publish","channel":"' + channel + '","data":"tru'
+    client.send_text(head.encode(), fin=False)
+    client.send_ping(b"1")
+    await exchange(lambda seen: any(getattr(f, "data", None) == b"1" for f in seen))
+    # websockets' client refuses to send it: another one serializes it (masked).
+    rogue = ClientProtocol(parse_uri(worker.ws + "/ws"))
+    rogue.state = State.OPEN
+    rogue.send_text(('{"type":"publish","channel":"' + channel + '","data":"x"}').encode())
+    writer.write(b"".join(rogue.data_to_send()))
+    client.send_continuation(b'ncated"}', fin=True)
+    await exchange(lambda seen: client.close_rcvd is not None)
+    assert client.close_rcvd is not None
+    assert client.close_rcvd.code == 1002
+    writer.close()
+    # Nothing was published: the next message the listener gets is this one.
+    marker = worker.publish(channel, "after")
+    assert await listener.recv() == {
+        "type": "message",
+        "channel": channel,
+        "id": marker,
+        "data": "after",
+    }
+    await listener.close()

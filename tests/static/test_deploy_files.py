@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from service.settings import Settings
+from service.wire import MAX_HEAD_BYTES, MAX_LINE_BYTES
 from tests.helpers import free_port
 from tests.nginx import nginx_binary
 
@@ -303,6 +304,26 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
         if "[warn]" in line and "exceed open file resource limit" not in line
     ]
     assert not warnings, output
+
+
+def nginx_directive(name: str) -> list[str]:
+    """The arguments of the one `name` directive in deploy/nginx.conf."""
+    [args] = re.findall(rf"^\s*{name}\s+([^;]+);", NGINX_CONF.read_text(), flags=re.MULTILINE)
+    return str(args).split()
+
+
+def test_nginx_bounds_handshakes_no_looser_than_the_workers() -> None:
+    # A slow or oversized request is cut at nginx as it would be at the worker (nginx
+    # holds two sockets for every one it passes on).
+    deadline = Settings().handshake_timeout
+    for name in ("client_header_timeout", "client_body_timeout"):
+        [value] = nginx_directive(name)
+        assert seconds(value) <= deadline, f"{name} {value} is looser than HANDSHAKE_TIMEOUT"
+    count, size = nginx_directive("large_client_header_buffers")
+    assert size.endswith("k")
+    line = int(size[:-1]) * 1024
+    assert line <= MAX_LINE_BYTES
+    assert int(count) * line <= MAX_HEAD_BYTES
 
 
 # --- shell scripts ------------------------------------------------------------------

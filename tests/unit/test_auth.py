@@ -10,10 +10,12 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
 from service.auth import EVERYONE, ApiKeys, Authenticator, InvalidToken, Principal, origin_allowed
+from service.auth.principal import matches_any
 from service.settings import PLACEHOLDER_SECRETS, Settings
 
 SECRET = "unit-test-secret-0123456789abcdef-ZYXW"  # 38 characters, no placeholder
@@ -608,6 +614,120 @@ def test_channel_patterns(patterns: tuple[str, ...], channel: str, allowed: bool
     assert publisher.may_publish(channel) is allowed
     assert not subscriber.may_publish(channel)
     assert not publisher.may_subscribe(channel)
+
+
+def regex_semantics(channel: str, patterns: tuple[str, ...]) -> bool:
+    """What patterns meant when they were matched as a regex, each `*` turned into `.*`."""
+    alternatives = [".*".join(map(re.escape, pattern.split("*"))) for pattern in patterns]
+    return any(re.fullmatch(alternative, channel) for alternative in alternatives)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "channel", "allowed"),
+    [
+        (("*",), "", True),
+        (("**",), "x", True),
+        (("",), "", True),
+        (("",), "a", False),
+        (("user:4?",), "user:42", False),
+        (("user:4?",), "user:4?", True),
+        (("[ab]",), "a", False),
+        (("[ab]",), "[ab]", True),
+        (("a.c",), "abc", False),
+        (("a\\*",), "a\\b", True),
+        (("ab*ba",), "aba", False),  # prefix and suffix may not overlap
+        (("ab*ba",), "abba", True),
+        (("*ab*b",), "ab", False),  # nor a middle part and the suffix
+        (("*ab*b",), "abb", True),
+        (("a*b*c",), "acbc", True),
+        (("a*b*c",), "acb", False),
+        (("*",), "a\nb", False),  # `*` was `.*`, which stops at a newline
+        (("a*",), "a\n", False),
+        (("a\n*",), "a\nb", True),
+        (("*\n*",), "a\nb\nc", False),
+        (("*\n*\n*",), "a\nb\nc", True),
+        (("a\nb",), "a\nb", True),
+        (("a*", "*z"), "bz", True),
+        (("a*", "*z"), "ba", False),
+    ],
+)
+def test_channel_pattern_edge_cases(patterns: tuple[str, ...], channel: str, allowed: bool) -> None:
+    assert regex_semantics(channel, patterns) is allowed  # the cases are what it always did
+    assert matches_any(channel, patterns) is allowed
+
+
+# Two letters (and `*`), so that patterns and channels often nearly match; or a few
+# more: every character the old regex treated specially, and the newline its `.*`
+# stopped at.
+FEW, MORE = "ab", "ab:*?[.\\\n"
+PATTERN_TEXT = st.text(alphabet=FEW + "*", max_size=8) | st.text(alphabet=MORE, max_size=12)
+CHANNEL_TEXT = st.text(alphabet=FEW, max_size=12) | st.text(alphabet=MORE, max_size=16)
+
+
+@given(patterns=st.lists(PATTERN_TEXT, max_size=4).map(tuple), channel=CHANNEL_TEXT)
+@hypothesis_settings(max_examples=2000, deadline=None)
+def test_channel_patterns_mean_what_they_meant_as_a_regex(
+    patterns: tuple[str, ...], channel: str
+) -> None:
+    assert matches_any(channel, patterns) is regex_semantics(channel, patterns)
+
+
+def test_every_short_pattern_means_what_it_meant_as_a_regex() -> None:
+    # All of them, up to 6 characters of `a`, `b` and `*`, against every channel of up
+    # to 6 letters: the near misses (overlapping parts, a part just too late) included.
+    def words(alphabet: str, longest: int) -> list[str]:
+        return ["".join(w) for n in range(longest + 1) for w in product(alphabet, repeat=n)]
+
+    channels = words(FEW, 6)
+    for pattern in words(FEW + "*", 6):
+        for channel in channels:
+            expected = regex_semantics(channel, (pattern,))
+            assert matches_any(channel, (pattern,)) is expected, (pattern, channel)
+
+
+@given(pattern=PATTERN_TEXT, data=st.data())
+@hypothesis_settings(max_examples=500, deadline=None)
+def test_a_channel_built_from_a_pattern_matches_it(pattern: str, data: st.DataObject) -> None:
+    # Random channels rarely match a pattern with several parts: build ones that do, by
+    # filling each `*` with a run of characters (no newline: `*` never matched one).
+    fillers = data.draw(
+        st.lists(
+            st.text(alphabet="ab:", max_size=5),
+            min_size=pattern.count("*"),
+            max_size=pattern.count("*"),
+        )
+    )
+    parts = pattern.split("*")
+    channel = parts[0] + "".join(
+        filler + part for filler, part in zip(fillers, parts[1:], strict=True)
+    )
+    assert regex_semantics(channel, (pattern,))
+    assert matches_any(channel, (pattern,))
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize(
+    ("pattern", "channel", "allowed"),
+    [
+        # Found by attacking a worker: as a regex, the first pattern stalled it for over
+        # 30 s on a subscribe to a 128-character channel name, the second for seconds
+        # (here on a longer name, past the timeout), and one more `*:` for tens of seconds.
+        pytest.param("a*a*a*a*a*a*a*a*a*a*b", "a" * 128, False, id="ten-a-stars-then-b"),
+        pytest.param("*:*:*:*:*:x", ":" * 200, False, id="five-colon-stars-then-x"),
+        pytest.param("*:*:*:*:*:*:x", ":" * 128, False, id="six-colon-stars-then-x"),
+        pytest.param("*a*a*a*a*a*b*", "a" * 128, False, id="b-in-the-middle"),
+        pytest.param("*a" * 64 + "*", "a" * 128, True, id="64-parts-that-fit"),
+        pytest.param("*a" * 129 + "*", "a" * 128, False, id="129-parts-that-do-not"),
+        pytest.param("*" * 4000 + "b", "a" * 10_000, False, id="4000-stars"),
+        pytest.param("*ab" * 1000 + "*", "ab" * 5000, True, id="1000-parts-long-channel"),
+    ],
+)
+def test_patterns_with_many_stars_are_matched_without_backtracking(
+    pattern: str, channel: str, allowed: bool
+) -> None:
+    principal = Principal("mallory", subscribe=(pattern,), publish=(pattern, "x"))
+    assert principal.may_subscribe(channel) is allowed
+    assert principal.may_publish(channel) is allowed
 
 
 # --- API keys ---------------------------------------------------------------------------

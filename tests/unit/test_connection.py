@@ -1,9 +1,12 @@
-"""The outbox's limits, the room a resume's backlog gets above them, and frames taken
-from inside the read in their turn."""
+"""The outbox's limits, the room a resume's backlog gets above them (once at a time),
+frames taken from inside the read in their turn, and a closed connection's memory
+freed without the garbage collector."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -68,6 +71,50 @@ async def test_a_backlog_past_the_limits_does_not_get_the_next_frame_refused(
     assert not connection.closing
     connection.deliver("y" * 10)
     assert connection.closing
+
+
+async def test_a_second_backlog_gets_no_room_of_its_own(outbox: Outbox) -> None:
+    # A client that resumes again and again without reading must not raise the limits
+    # each time: while one backlog's room is outstanding, the next must fit in it.
+    connection = outbox(max_messages=10, max_chars=100)
+    connection.deliver_backlog(["x" * 50] * 12)  # room: 22 frames, 700 characters
+    connection.deliver_backlog(["y" * 50] * 2)  # fits in what is left of it
+    assert not connection.closing
+    connection.deliver_backlog(["z" * 50] * 12)
+    assert connection.closing
+
+
+async def test_a_connection_closed_with_its_writer_waiting_is_freed_by_refcount() -> None:
+    # Its writer task, cancelled while it waited for the client, keeps the cancellation
+    # and its traceback, which holds the connection's frames: a cycle while the
+    # connection still held the task, freed only by a full garbage collection.
+    async def never_sends(message: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def close(code: int, reason: str) -> None:
+        pass
+
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    websocket: Any = SimpleNamespace(scope={}, _send=never_sends, receive=received.get, close=close)
+    connection = Connection(
+        websocket, max_messages=2, max_chars=1000, close_timeout=1, metrics=Metrics()
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        running = await reading(connection)
+        connection.deliver("a")  # no direct writes: queued, a writer starts and waits
+        await asyncio.sleep(0)
+        assert connection._writer is not None
+        for frame in "bcd":
+            connection.deliver(frame)  # overflows: closed at once, the writer cancelled
+        assert connection.closing
+        await asyncio.wait_for(running, 5)
+        freed = weakref.ref(connection)
+        del connection, running
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 async def test_overwhelmed_closes_as_a_slow_consumer(outbox: Outbox) -> None:

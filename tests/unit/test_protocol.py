@@ -7,7 +7,7 @@ import json
 import orjson
 import pytest
 
-from service.errors import ProtocolError
+from service.errors import BrokerUnavailable, OutcomeUnknown, ProtocolError
 from service.protocol import frames
 from service.protocol.codes import CloseCode, ErrorCode
 from service.protocol.commands import (
@@ -17,6 +17,7 @@ from service.protocol.commands import (
     Subscribe,
     Unsubscribe,
     parse_command,
+    validate_idempotency_key,
 )
 
 LIMITS = Limits(max_channel_length=20, max_data_bytes=64)
@@ -88,6 +89,28 @@ def test_bad_frames_get_a_specific_code(text: str, code: ErrorCode) -> None:
     assert error_of(text).code is code
 
 
+def test_publish_takes_an_optional_idempotency_key() -> None:
+    command = {"type": "publish", "channel": "c", "data": 1, "ref": 2}
+    assert parse(command) == Publish("c", b"1", 2)
+    assert parse({**command, "idempotency_key": None}) == Publish("c", b"1", 2)
+    uuid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    assert parse({**command, "idempotency_key": uuid}) == Publish("c", b"1", 2, uuid)
+    for key in ("k", "!~{}:*", "x" * 64):
+        assert validate_idempotency_key(key) == key
+
+
+@pytest.mark.parametrize("key", [5, True, ["k"], "", " ", "a b", "tab\t", "x" * 65, "cl\u00e9"])
+def test_a_bad_idempotency_key_is_invalid_frame_and_says_what_a_key_is(key: object) -> None:
+    error = error_of(
+        {"type": "publish", "channel": "c", "data": 1, "idempotency_key": key, "ref": 7}
+    )
+    assert (error.code, error.ref) == (ErrorCode.INVALID_FRAME, 7)
+    assert error.message.startswith("idempotency_key must be 1 to 64 visible ASCII characters")
+    with pytest.raises(ProtocolError) as header:
+        validate_idempotency_key(key, what="the Idempotency-Key header")
+    assert header.value.message.startswith("the Idempotency-Key header must be 1 to 64")
+
+
 def test_data_exactly_at_the_limit_is_accepted() -> None:
     data = "x" * 62  # 64 bytes with its quotes
     assert isinstance(parse({"type": "publish", "channel": "c", "data": data}), Publish)
@@ -132,6 +155,17 @@ def test_server_frames() -> None:
         "channel": "c",
         "info": {"name": "a"},
     }
+
+
+def test_an_unknown_outcome_is_an_outage_with_a_code_of_its_own() -> None:
+    # Whoever handles `BrokerUnavailable` handles it too; the client is told apart.
+    error = OutcomeUnknown("may have been published")
+    assert isinstance(error, BrokerUnavailable)
+    assert (error.code, BrokerUnavailable("x").code) == (
+        ErrorCode.OUTCOME_UNKNOWN,
+        ErrorCode.UNAVAILABLE,
+    )
+    assert ErrorCode.OUTCOME_UNKNOWN.value == "outcome_unknown"
 
 
 def test_close_codes_are_the_documented_ones() -> None:

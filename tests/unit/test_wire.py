@@ -1,7 +1,7 @@
 """Frame bytes built once per message are the bytes websockets itself would write.
 `ReadingProtocol` keeps `takes_writes` down whenever uvicorn's `send` would do more than
-write a frame, offers whole text messages to its reader in order or queues them, and
-reads itself only the text frames websockets would have read the same way."""
+write a frame, and offers its reader, in order, only the whole text messages that
+websockets' own parser made of what the client sent; what it refuses is queued."""
 
 from __future__ import annotations
 
@@ -148,6 +148,12 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def pause_reading(self) -> None:
         pass
@@ -322,14 +328,15 @@ def close_code(written: bytearray) -> int:
     return int.from_bytes(written[head + 2 : head + 4], "big")
 
 
-async def test_whole_text_frames_are_read_without_websockets() -> None:
+async def test_every_byte_goes_through_websockets_parser() -> None:
     reader = Offers()
     protocol, _ = await open_protocol(reader)
     given = parsed_by_websockets(protocol)
     texts = ["a", "é" * 100, "x" * 5000]  # 7-bit and 16-bit lengths, UTF-8
-    protocol.data_received(client_frames(*texts))
+    data = client_frames(*texts)
+    protocol.data_received(data)
     assert reader.offered == texts
-    assert given == []
+    assert given == [data]
     assert protocol.queue.empty()
 
 
@@ -338,25 +345,49 @@ async def test_a_refused_message_and_those_after_it_queue_in_order() -> None:
     protocol, _ = await open_protocol(reader)
     protocol.data_received(client_frames("a", "b", "c"))
     assert reader.offered == ["a", "b"]  # "c" is not offered past the queued "b"
-    assert protocol.read_paused  # as uvicorn does when it queues
-    protocol.data_received(client_frames("d"))  # a read already under way
+    protocol.data_received(client_frames("d"))
     assert reader.offered == ["a", "b"]
     assert queued_texts(protocol) == ["b", "c", "d"]
 
 
 @pytest.mark.parametrize("cut", [1, 2, 3, 5, 9])
-async def test_a_frame_split_across_reads_is_read_once_and_then_fast_again(cut: int) -> None:
+async def test_a_frame_split_across_reads_is_offered_once(cut: int) -> None:
     reader = Offers()
     protocol, _ = await open_protocol(reader)
     given = parsed_by_websockets(protocol)
     data = client_frames("split me")
     protocol.data_received(data[:cut])
+    assert reader.offered == []
     protocol.data_received(data[cut:])
     assert reader.offered == ["split me"]
-    assert given == [data[:cut], data[cut:]]
-    protocol.data_received(client_frames("whole"))  # the parser is at a frame start again
+    whole = client_frames("whole")
+    protocol.data_received(whole)
     assert reader.offered == ["split me", "whole"]
-    assert len(given) == 2
+    assert given == [data[:cut], data[cut:], whole]
+
+
+async def test_a_text_frame_inside_a_fragmented_message_fails_the_connection() -> None:
+    # RFC 6455 5.4: between a first fragment (FIN clear) and its continuation, only
+    # control frames may come. A whole text frame there must close with 1002, in
+    # whichever reads the three arrive, and nothing of it may reach the reader.
+    reader = Offers()
+    protocol, transport = await open_protocol(reader)
+    client = ClientProtocol(parse_uri("ws://test/ws"))
+    client.state = State.OPEN
+    client.send_text(b'{"type":"publish","channel":"c","data":"tru', fin=False)
+    first = b"".join(client.data_to_send())
+    middle = client_frames('{"type":"publish","channel":"c","data":"injected"}')
+    client.send_continuation(b'ncated"}', fin=True)
+    last = b"".join(client.data_to_send())
+    for data in (first, middle, last):
+        if transport.closing:
+            break  # a real transport reads nothing more once it closed
+        protocol.data_received(data)
+    assert reader.offered == []
+    assert protocol.queue.get_nowait()["type"] == "websocket.disconnect"  # and no text
+    assert protocol.queue.empty()
+    assert close_code(transport.written) == 1002
+    assert transport.closing
 
 
 async def test_a_payload_that_looks_like_a_frame_is_not_read_as_one() -> None:
@@ -400,7 +431,10 @@ async def test_fragments_pings_and_long_frames_are_websockets_work() -> None:
 async def test_what_websockets_refuses_closes_as_before(frame: bytes, code: int) -> None:
     reader = Offers()
     protocol, transport = await open_protocol(reader, ws_max_size=10)
-    protocol.data_received(client_frames("first") + frame + client_frames("never"))
+    protocol.data_received(client_frames("first"))
+    # In one read with the bad frame, a message before it is dropped with the connection
+    # (as uvicorn does): the parser fails the whole read.
+    protocol.data_received(frame + client_frames("never"))
     assert reader.offered == ["first"]
     assert close_code(transport.written) == code
     assert transport.closing

@@ -1,0 +1,197 @@
+"""The handshake adapter's start-up check, and the way back to uvicorn's own protocol.
+
+`BoundedHttpProtocol` extends uvicorn's non-public httptools protocol. At start-up
+`http_options` checks that the installed uvicorn still has what it relies on and picks
+it; otherwise uvicorn's h11 protocol with its public head limit, saying why in one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import pickle
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from service.__main__ import uvicorn_options
+from service.settings import Settings
+from service.wire import (
+    MAX_HEAD_BYTES,
+    MAX_LINE_BYTES,
+    BoundedHttpProtocol,
+    ReadingProtocol,
+    adapter_problem,
+    http_options,
+)
+
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+def warnings_of_wire(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "service.wire" and record.levelno >= logging.WARNING
+    ]
+
+
+def test_the_installed_uvicorn_has_what_the_adapter_relies_on() -> None:
+    assert adapter_problem() is None
+
+
+def test_with_it_the_worker_runs_the_bounded_protocol(caplog: pytest.LogCaptureFixture) -> None:
+    options = uvicorn_options(Settings.model_validate({"handshake_timeout": 3.5}))
+    http = options["http"]
+    assert isinstance(http, functools.partial)
+    assert http.func is BoundedHttpProtocol
+    assert http.keywords == {"handshake_timeout": 3.5}
+    assert options["h11_max_incomplete_event_size"] == MAX_HEAD_BYTES
+    assert options["ws"] == "service.wire:ReadingProtocol"
+    assert warnings_of_wire(caplog) == []
+    # uvicorn's process manager pickles the config for every worker process.
+    assert pickle.loads(pickle.dumps(http)).keywords == {"handshake_timeout": 3.5}
+
+
+async def test_uvicorn_makes_the_protocol_from_the_option() -> None:
+    config = Config(app=_app, lifespan="off", log_config=None, **http_options(2.0))
+    config.load()
+    protocol = config.http_protocol_class(  # type: ignore[call-arg]
+        config=config, server_state=ServerState(), app_state={}
+    )
+    assert isinstance(protocol, BoundedHttpProtocol)
+    assert protocol.handshake_timeout == 2.0
+
+
+async def _app(scope: Any, receive: Any, send: Any) -> None:
+    """Never called."""
+
+
+def _does_not_upgrade(self: HttpToolsProtocol) -> None:
+    """An uvicorn whose upgrade works otherwise than the adapter expects."""
+
+
+@pytest.mark.parametrize(
+    ("break_uvicorn", "named"),
+    [
+        # A method the adapter extends is gone.
+        (lambda mp: mp.delattr(HttpToolsProtocol, "on_message_begin"), "on_message_begin"),
+        # It is there but does something else: the deadline is not handed over.
+        (
+            lambda mp: mp.setattr(HttpToolsProtocol, "handle_websocket_upgrade", _does_not_upgrade),
+            "the upgrade did not switch protocols",
+        ),
+    ],
+    ids=["missing", "changed"],
+)
+def test_without_it_the_worker_falls_back_to_uvicorns_h11_and_says_why_once(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    break_uvicorn: Any,
+    named: str,
+) -> None:
+    break_uvicorn(monkeypatch)
+    problem = adapter_problem()
+    assert problem is not None
+    assert named in problem
+    caplog.clear()
+    options = uvicorn_options(Settings())
+    assert options["http"] == "h11"
+    assert options["h11_max_incomplete_event_size"] == MAX_HEAD_BYTES
+    assert options["ws"] == "service.wire:ReadingProtocol"
+    [warning] = warnings_of_wire(caplog)
+    assert named in warning
+    assert "HANDSHAKE_TIMEOUT" in warning
+
+
+def test_the_fallback_is_a_protocol_uvicorn_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(HttpToolsProtocol, "on_message_begin")
+    config = Config(app=_app, lifespan="off", log_config=None, **http_options(2.0))
+    config.load()
+    assert config.http_protocol_class.__name__ == "H11Protocol"
+
+
+class Transport:
+    """Records what a protocol writes and whether it closed."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 5), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+
+async def _until_gone(scope: Any, receive: Any, send: Any) -> None:
+    """A WebSocket app that answers nothing, until the client is gone."""
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+async def reading_protocol() -> tuple[ReadingProtocol, Transport]:
+    config = Config(app=_until_gone, ws=ReadingProtocol, lifespan="off", log_config=None)
+    config.load()
+    protocol = ReadingProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = Transport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport
+
+
+# What reaches the WebSocket protocol from uvicorn's h11 (the fallback), which lets
+# longer lines through than websockets takes; or a request websockets cannot read at all.
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        (b"X-Big: " + b"a" * MAX_LINE_BYTES + b"\r\n", 431),
+        (b"".join(b"X-%d: v\r\n" % n for n in range(200)), 431),
+        (b"Content-Length: 3\r\n", 400),
+    ],
+    ids=["header line", "header fields", "a body"],
+)
+async def test_what_websockets_refuses_is_answered_and_closed(extra: bytes, status: int) -> None:
+    protocol, transport = await reading_protocol()
+    protocol.data_received(UPGRADE + extra + b"\r\n")
+    assert transport.written.startswith(b"HTTP/1.1 %d " % status), transport.written[:200]
+    assert b"Connection: close" in transport.written
+    assert transport.closed
+    assert protocol.close_sent  # and uvicorn's `shutdown` only closes it
+
+
+async def test_a_handshake_deadline_passes_only_before_the_accept() -> None:
+    protocol, transport = await reading_protocol()
+    protocol.data_received(UPGRADE + b"\r\n")  # the app's task starts, and waits
+    protocol.handshake_deadline(protocol.loop.time() + 3600)
+    assert protocol._handshake_timer is not None
+    protocol._handshake_expired()
+    assert transport.written.startswith(b"HTTP/1.1 503 ")
+    assert transport.closed
+    protocol.connection_lost(None)
+    await asyncio.gather(*protocol.tasks)
+
+    protocol, transport = await reading_protocol()
+    protocol.data_received(UPGRADE + b"\r\n")
+    protocol.handshake_deadline(protocol.loop.time() + 3600)
+    await protocol.send({"type": "websocket.accept"})
+    assert transport.written.startswith(b"HTTP/1.1 101 ")
+    assert protocol._handshake_timer is None  # accepted: no deadline any more
+    protocol._handshake_expired()
+    assert not transport.closed
+    protocol.connection_lost(None)
+    await asyncio.gather(*protocol.tasks)
