@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from service.api.deps import RuntimeDep, require_api_key
 from service.broker import HistoryRead, Position, Replayed
@@ -101,13 +102,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(
-                ErrorCode.MESSAGE_TOO_LARGE, f"body is over the limit of {limit} bytes"
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(
+                    ErrorCode.MESSAGE_TOO_LARGE, f"body is over the limit of {limit} bytes"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Gone before the body was whole (or cut at HANDSHAKE_TIMEOUT): a bad request,
+        # not a failure of the worker's, whose answer nobody reads.
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "the body did not arrive whole") from None
     return b"".join(chunks)
 
 

@@ -24,6 +24,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from service.wire import MAX_HEADERS, MAX_LINE_BYTES, REFUSAL_LINGER
+from tests.conftest import WorkerFactory
 from tests.helpers import UNIT, Client, Worker, wait_for
 
 #: The worker's HANDSHAKE_TIMEOUT: short, and scaled like every other deadline.
@@ -210,6 +211,21 @@ def test_a_body_that_never_ends_is_cut_without_a_408_after_the_response(
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         assert b"408" not in answer
     wait_for(lambda: open_fds(worker) <= baseline, 5, "the socket closed")
+
+
+def test_a_publish_whose_body_stalls_gets_a_408_and_no_error_in_the_log(
+    make_worker: WorkerFactory,
+) -> None:
+    worker = make_worker(env={"HANDSHAKE_TIMEOUT": str(HANDSHAKE_TIMEOUT)})
+    with connection(worker) as sock:
+        head = b"POST /api/channels/news/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        sock.sendall(head + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        answer = read_until_closed(sock, HANDSHAKE_TIMEOUT + 5 * UNIT)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    # The handler that waited for the body ends quietly, a few turns of the event loop
+    # after the close: before a request on a new connection is answered.
+    assert worker.status("/healthz") == 200
+    assert "Traceback" not in worker.log()
 
 
 async def test_an_accepted_websocket_outlives_the_handshake_deadline(
