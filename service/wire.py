@@ -462,6 +462,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         protocol = self.transport.get_protocol()
         if isinstance(protocol, ReadingProtocol):
             protocol.handshake_deadline(self._deadline_at)
+        # This protocol is done with the connection, and its parser holds it in a cycle
+        # that only the garbage collector would break: let both go now.
+        self.parser = None  # type: ignore[assignment]
 
     def _stop(self, status: HTTPStatus, reason: str) -> None:
         """Stop httptools here: `data_received` answers once it has returned."""

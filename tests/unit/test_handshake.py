@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import pickle
+import weakref
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from service import wire
 from service.__main__ import uvicorn_options
 from service.settings import Settings
 from service.wire import (
@@ -195,3 +198,29 @@ async def test_a_handshake_deadline_passes_only_before_the_accept() -> None:
     assert not transport.closed
     protocol.connection_lost(None)
     await asyncio.gather(*protocol.tasks)
+
+
+async def test_the_http_protocol_is_freed_by_refcount_once_it_upgraded() -> None:
+    # Its parser holds it in a cycle: left alone after the upgrade, each WebSocket's
+    # HTTP protocol waited for the garbage collector (idle memory per connection).
+    config = Config(app=_until_gone, ws=ReadingProtocol, lifespan="off", log_config=None)
+    config.load()
+    state = ServerState()
+    http = BoundedHttpProtocol(
+        config=config, server_state=state, app_state={}, handshake_timeout=60.0
+    )
+    transport = wire._ProbeTransport(http)
+    http.connection_made(transport)
+    gc.collect()
+    gc.disable()
+    try:
+        http.data_received(wire._PROBE_UPGRADE)
+        ws = transport.get_protocol()
+        assert isinstance(ws, ReadingProtocol)
+        freed = weakref.ref(http)
+        del http
+        assert freed() is None
+    finally:
+        gc.enable()
+        ws.connection_lost(None)
+        await asyncio.gather(*list(state.tasks), return_exceptions=True)
