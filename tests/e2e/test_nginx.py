@@ -72,7 +72,13 @@ class Replicas:
 
 @pytest.fixture
 def replicas(make_worker: WorkerFactory, redis_server: RedisServer, prefix: str) -> Replicas:
-    return Replicas(make_worker, redis_args(redis_server, prefix, *compose_worker_flags()))
+    # Compose's workers, keeping 1000 messages of history instead of 100: the publisher
+    # of the SIGTERM test does not pause while its client waits out a reconnect delay of
+    # up to 0.25 s, in which it published up to about 160 messages here (some 550 a
+    # second), past what the default history keeps. The resume then rightly reported a
+    # loss (as test_resume.py's workers, which keep 1000 for the same reason, explain).
+    flags = [*compose_worker_flags(), "--history-size", "1000"]
+    return Replicas(make_worker, redis_args(redis_server, prefix, *flags))
 
 
 @pytest.fixture
