@@ -393,10 +393,13 @@ class RedisBackend(BroadcastBackend):
             if silent >= self._ping_interval and pinged_at != tap.last_heard:
                 pinged_at = tap.last_heard
                 await conn.send_command("PING", check_health=False)
-            # Wake when the connection ends, or when the silence reaches the next mark:
-            # a ping after `ping_interval`, the end after `ping_timeout` more.
+            # Wake when the connection ends, or at the next mark of the silence as it is
+            # now, not as it was before the send: its answer may have come meanwhile (on
+            # a busy machine it did, and the next wake found the connection "silent" for
+            # the whole timeout). A ping `ping_interval` after the last reply, the end
+            # `ping_timeout` after that while the ping is unanswered.
             mark = self._ping_interval
-            if silent >= mark:
+            if pinged_at == tap.last_heard:
                 mark += self._ping_timeout
             await asyncio.wait([tap.ended], timeout=tap.last_heard + mark - loop.time())
         raise tap.ended.result()

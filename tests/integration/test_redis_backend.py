@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from broadcaster import Event
@@ -144,3 +145,51 @@ def _publish_pipelined(redis_server: RedisServer, key: str, texts: list[str]) ->
         for text in texts:
             pipe.publish(key, text)
         pipe.execute()
+
+
+async def test_a_ping_answered_while_it_is_being_sent_is_not_taken_for_silence(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With four idle workers on two cores, the PING's answer sometimes came in while the
+    # watchdog was still sending it; the watchdog then slept until the end of the whole
+    # timeout counted from that answer, woke to "no reply for 4.0 s" and rebuilt a
+    # healthy connection (five times in 30 s). Here every send lets the answer in.
+    backend = RedisBackend(
+        redis_server.url,
+        prefix=prefix,
+        client_name=prefix + "test",
+        timeout=5,
+        max_connections=10,
+        ping_interval=0.2,
+        ping_timeout=0.5,
+        retry_max_delay=1,
+        canary_interval=60,
+        canary_timeout=3,
+    )
+    make = backend._new_connection
+
+    def answered_while_sending(*args: Any, **kwargs: Any) -> Any:
+        conn = make(*args, **kwargs)
+        send = conn.send_command
+
+        async def send_command(*command: Any, **options: Any) -> None:
+            await send(*command, **options)
+            await asyncio.sleep(0.05)  # the answer arrives before the sender goes on
+
+        conn.send_command = send_command  # type: ignore[method-assign]
+        return conn
+
+    monkeypatch.setattr(backend, "_new_connection", answered_while_sending)
+    await backend.connect()
+    try:
+        await backend.subscribe(unique("quiet"))
+        await async_wait_for(lambda: alive(backend), what="connected and confirmed")
+        reconnects = backend.reconnects
+        # Twelve ping intervals, each answered at once: the connection must stay.
+        watching = asyncio.ensure_future(asyncio.sleep(2.4 * UNIT))
+        while not watching.done():
+            assert backend.reconnects == reconnects, backend.last_error
+            await asyncio.sleep(0.05)
+        assert backend.reconnects == reconnects, backend.last_error
+    finally:
+        await backend.disconnect()
