@@ -52,10 +52,16 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 def _log_config(settings: Settings) -> dict[str, Any]:
     config = copy.deepcopy(LOGGING_CONFIG)
-    # On the handlers, so that it sees every record, whichever logger made it.
-    config.setdefault("filters", {})["redact_secrets"] = {"()": "service.logs.RedactSecrets"}
+    # On the handlers, so that they see every record, whichever logger made it.
+    filters = config.setdefault("filters", {})
+    filters["redact_secrets"] = {"()": "service.logs.RedactSecrets"}
+    filters["worker"] = {"()": "service.logs.WorkerName", "configured": settings.worker_id}
     for handler in config["handlers"].values():
-        handler.setdefault("filters", []).append("redact_secrets")
+        handler.setdefault("filters", []).extend(["worker", "redact_secrets"])
+    # When it was and which worker said it: several share a terminal or a log stream.
+    for formatter in config["formatters"].values():
+        level, _, rest = formatter["fmt"].partition(" ")
+        formatter["fmt"] = f"%(asctime)s {level} [%(worker)s] {rest}"
     config["loggers"]["service"] = {
         "handlers": ["default"],
         "level": settings.log_level.upper(),

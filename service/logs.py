@@ -1,10 +1,12 @@
-"""Logging filters: tokens and keys never reach a log line."""
+"""Logging filters: tokens and keys never reach a log line; each line names its worker."""
 
 from __future__ import annotations
 
 import logging
 import re
 from urllib.parse import unquote_plus
+
+from service.settings import worker_name
 
 #: Query parameters whose values are secrets, by their decoded names in lower case.
 _SECRET_PARAMETERS = frozenset({"token", "access_token", "api_key", "apikey"})
@@ -79,4 +81,21 @@ class RedactSecrets(logging.Filter):
         # (websockets logs a header's name and value as two).
         record.msg = redact(record.getMessage())
         record.args = ()
+        return True
+
+
+class WorkerName(logging.Filter):
+    """Stamps every record with the name of the worker that logs it, as `%(worker)s`.
+
+    Made in the process that logs (uvicorn configures logging in each worker process it
+    starts), so that hostname:pid names that process.
+    """
+
+    def __init__(self, configured: str = "") -> None:
+        super().__init__()
+        self._name = worker_name(configured)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Add the name; never drops the record."""
+        record.worker = self._name
         return True

@@ -417,7 +417,7 @@ class Settings(BaseSettings):
 
     def resolved_worker_id(self) -> str:
         """The worker name clients see: the configured one, or hostname:pid."""
-        return self.worker_id or f"{os.uname().nodename}:{os.getpid()}"
+        return worker_name(self.worker_id)
 
     def redacted_url(self) -> str:
         """`broadcast_url` with any password replaced, for logs."""
@@ -426,6 +426,11 @@ class Settings(BaseSettings):
             return self.broadcast_url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         return parts._replace(netloc=netloc).geturl()
+
+
+def worker_name(configured: str) -> str:
+    """`configured` (WORKER_ID), or else hostname:pid of the process that asks."""
+    return configured or f"{os.uname().nodename}:{os.getpid()}"
 
 
 def _check_public_key(path: Path, algorithms: set[str]) -> None:
