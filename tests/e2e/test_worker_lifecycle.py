@@ -420,9 +420,16 @@ async def test_sigkill_of_one_worker_affects_only_its_own_clients(
 # -- 3. start-up while Redis is down --------------------------------------------------------
 
 
-_FAILED = re.compile(r"^(\w+):\s+Redis pub/sub connection failed \(attempt (\d+),", re.MULTILINE)
+# A line starts with its date and time, then the level and the worker's name.
+_STAMP = r"^\S+ \S+ "
+_WORKER = r"\s+\[[^\]]+\] "
+_FAILED = re.compile(
+    _STAMP + r"(\w+):" + _WORKER + r"Redis pub/sub connection failed \(attempt (\d+),",
+    re.MULTILINE,
+)
 _RESTORED = re.compile(
-    r"^WARNING:\s+Redis pub/sub connection restored after (\d+) failures", re.MULTILINE
+    _STAMP + "WARNING:" + _WORKER + r"Redis pub/sub connection restored after (\d+) failures",
+    re.MULTILINE,
 )
 
 
