@@ -52,7 +52,7 @@ class ReplyTap(asyncio.Protocol):
         *,
         on_end: Callable[[BaseException], None] | None = None,
     ) -> None:
-        # Private attributes of redis-py's asyncio connection (pinned to 8.1 in
+        # Private attributes of redis-py's asyncio connection (pinned to 8.2 in
         # pyproject.toml for this reason); a connection without them is not connected.
         reader, writer = conn._reader, conn._writer
         if reader is None or writer is None:
