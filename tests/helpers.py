@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +68,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = ""
 
 
 async def async_wait_for(
-    condition: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = ""
+    condition: Callable[[], Any], timeout: float = 10.0, what: str = ""
 ) -> Any:
-    """`wait_for` for coroutine conditions."""
+    """`wait_for` for async tests: `condition` may return an awaitable (a coroutine) or
+    a plain value; either way the event loop runs between polls."""
     deadline = time.monotonic() + timeout * UNIT
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
         try:
-            result = await condition()
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
         except Exception as exc:
             last_error = exc
         else:

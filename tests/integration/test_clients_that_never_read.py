@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -64,18 +63,9 @@ async def publish_many(worker: Worker, channel: str, count: int, size: int) -> N
             assert response.status_code == 200, response.text
 
 
-async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll a plain `condition` without blocking the event loop; `timeout` in units."""
-
-    async def check() -> object:
-        return condition()
-
-    await async_wait_for(check, timeout, what)
-
-
 async def dropped(worker: Worker, sock: socket.socket, timeout: float) -> None:
     """Wait until the worker reset the connection and no longer counts it."""
-    await until(
+    await async_wait_for(
         lambda: tcp_state(sock) != _TCP_ESTABLISHED and worker.metric(CONNECTIONS) == 0,
         timeout,
         "the worker to drop the connection",
@@ -108,7 +98,7 @@ async def test_resuming_again_and_again_without_reading_is_cut_off(
             resumes += 1
             if resumes % 5 == 0:
                 await asyncio.sleep(0.05)  # let the worker take them, then look again
-        await until(lambda: worker.metric(SLOW) == 1, 10, "the 1013")
+        await async_wait_for(lambda: worker.metric(SLOW) == 1, 10, "the 1013")
         growth = rss_bytes(worker) - rss_before
         print(f"\ncut off after {resumes} resumes sent; worker RSS {growth / 1e6:+.1f} MB")
         # One backlog granted past the limits (and one more in the socket's buffers),

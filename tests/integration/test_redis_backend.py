@@ -13,20 +13,25 @@ from service.broker.redis_backend import RedisBackend
 from tests.helpers import UNIT, RedisServer, async_wait_for, unique
 
 
-@pytest.fixture
-async def backend(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisBackend]:
-    backend = RedisBackend(
-        redis_server.url,
+def new_backend(server: RedisServer, prefix: str, **watchdog: float) -> RedisBackend:
+    """A backend on `server`, with the pub/sub watchdog's timings overridable."""
+    timings = {"ping_interval": 1.0, "ping_timeout": 3.0, **watchdog}
+    return RedisBackend(
+        server.url,
         prefix=prefix,
         client_name=prefix + "test",
         timeout=5,
         max_connections=10,
-        ping_interval=1,
-        ping_timeout=3,
         retry_max_delay=1,
         canary_interval=60,
         canary_timeout=3,
+        **timings,
     )
+
+
+@pytest.fixture
+async def backend(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisBackend]:
+    backend = new_backend(redis_server, prefix)
     await backend.connect()
     yield backend
     await backend.disconnect()
@@ -154,18 +159,7 @@ async def test_a_ping_answered_while_it_is_being_sent_is_not_taken_for_silence(
     # watchdog was still sending it; the watchdog then slept until the end of the whole
     # timeout counted from that answer, woke to "no reply for 4.0 s" and rebuilt a
     # healthy connection (five times in 30 s). Here every send lets the answer in.
-    backend = RedisBackend(
-        redis_server.url,
-        prefix=prefix,
-        client_name=prefix + "test",
-        timeout=5,
-        max_connections=10,
-        ping_interval=0.2,
-        ping_timeout=0.5,
-        retry_max_delay=1,
-        canary_interval=60,
-        canary_timeout=3,
-    )
+    backend = new_backend(redis_server, prefix, ping_interval=0.2, ping_timeout=0.5)
     make = backend._new_connection
 
     def answered_while_sending(*args: Any, **kwargs: Any) -> Any:
