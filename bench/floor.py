@@ -38,8 +38,8 @@ from service.__main__ import parse_settings
 from service.broker.redis_history import PUBLISH_SCRIPT, publish_call, publish_token_ttl
 from service.protocol import frames
 from service.protocol.codes import ErrorCode
+from service.protocol.wire import text_frame
 from service.settings import Settings
-from service.wire import text_frame
 
 Reply = Callable[[Any], None]
 

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 from uvicorn.config import LOGGING_CONFIG
 
+from service.adapters import uvicorn as uvicorn_adapter
 from service.broker import check_redis_url
 from service.settings import SETTINGS_ENV_VAR, Settings
-from service.wire import http_options
 
 APP_FACTORY = "service.app:create_app_from_environment"
 
@@ -28,14 +28,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "workers": settings.workers,
         "factory": True,
         "lifespan": "on",
-        # websockets-sansio, the implementation the service is tested with (PITFALLS.md
-        # has its traps), with text messages read straight into the session (wire.py).
-        "ws": "service.wire:ReadingProtocol",
-        # httptools as uvicorn runs it, with the request head bounded (414, 431) and a
-        # deadline for it and the upgrade (HANDSHAKE_TIMEOUT), or uvicorn's h11 with its
-        # public head limit if this uvicorn lacks what that relies on (wire.py).
-        # Between requests uvicorn's own timeout_keep_alive (5 s) closes idle ones.
-        **http_options(settings.handshake_timeout),
+        # `ws` and `http`: websockets-sansio and httptools subclassed for bounds and
+        # speed, or uvicorn's own if the adapter's check fails (service/adapters/uvicorn.py).
+        **uvicorn_adapter.uvicorn_options(settings),
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": settings.ws_ping_timeout,
@@ -100,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn's worker processes import the app anew: hand them the parsed settings.
     os.environ[SETTINGS_ENV_VAR] = settings.handover_json()
     # Configured before uvicorn does it again, so that what `uvicorn_options` may log
-    # (why the handshake limits are off) looks like every other line.
+    # (why the uvicorn adapter is off) looks like every other line.
     logging.config.dictConfig(_log_config(settings))
     uvicorn.run(APP_FACTORY, **uvicorn_options(settings))
 

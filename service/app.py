@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from service import __version__
+from service.adapters.uvicorn import adapter_ready
 from service.api import demo, health, http, ws
 from service.auth import ApiKeys, Authenticator
 from service.broker import Broker
@@ -19,6 +20,7 @@ from service.errors import BrokerUnavailable, OutcomeUnknown, ProtocolError, Una
 from service.hub import Hub
 from service.limits import ConnectionSlots
 from service.metrics import Metrics
+from service.outbox import OutboxLimits
 from service.protocol.codes import ErrorCode
 from service.protocol.commands import Limits
 from service.runtime import Runtime
@@ -59,11 +61,16 @@ def create_app(settings: Settings) -> ws.WebSocketEndpoints:
                 metrics=metrics,
                 worker_id=worker_id,
                 limits=Limits(settings.max_channel_length, settings.max_data_bytes),
+                outbox_limits=OutboxLimits(settings.outbox_max_messages, settings.outbox_max_bytes),
                 authenticator=Authenticator(settings),
                 api_keys=ApiKeys(settings.api_keys),
                 slots=ConnectionSlots(settings.max_connections),
             )
             _warn_about_open_doors(settings)
+            if settings.fast_adapters:
+                adapter_ready()  # checked now rather than at the first connection
+            else:
+                logger.info("FAST_ADAPTERS=false: public API paths only (slower, same behaviour)")
             logger.info(
                 "worker %s ready to serve, backend %s, prefix %r",
                 worker_id,

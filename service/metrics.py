@@ -27,8 +27,9 @@ class Metrics:
             "Open WebSocket connections on this worker.",
             registry=self.registry,
         )
-        # Plain counts on the hot path, exported at scrape time (`_Counts`): a Counter
-        # takes a lock and three calls per increment, which a message pays several times.
+        # Plain counts on the hot path, exported at scrape time (`_Counts`): a message
+        # would pay a Counter's lock several times (docs/performance.md, "What changed,
+        # and what each part bought", no. 5).
         self.published_ws = 0
         self.published_http = 0
         self.deliveries = 0
@@ -119,20 +120,20 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "broadcast_gaps_filled",
             "Interruptions of the worker's subscription to a channel that history covered.",
-            value=hub.gaps_filled,
+            value=hub.stats.gaps_filled,
         )
         yield CounterMetricFamily(
             "broadcast_gaps",
             "Interruptions history did not cover: the channel's subscribers got a `gap` frame.",
-            value=hub.gaps_reported,
+            value=hub.stats.gaps_reported,
         )
         resumes = CounterMetricFamily(
             "broadcast_resumes",
             "Subscriptions with `since`, by whether history reached back.",
             labels=["recovered"],
         )
-        resumes.add_metric(["true"], hub.resumes_recovered)
-        resumes.add_metric(["false"], hub.resumes_not_recovered)
+        resumes.add_metric(["true"], hub.stats.resumes_recovered)
+        resumes.add_metric(["false"], hub.stats.resumes_not_recovered)
         yield resumes
         redis = self._broker.redis
         if redis is None:

@@ -9,6 +9,7 @@ from service.broker import Broker
 from service.hub import Hub
 from service.limits import ConnectionSlots
 from service.metrics import Metrics
+from service.outbox import OutboxLimits
 from service.protocol.commands import Limits
 from service.settings import Settings
 
@@ -23,6 +24,7 @@ class Runtime:
     metrics: Metrics
     worker_id: str
     limits: Limits
+    outbox_limits: OutboxLimits
     authenticator: Authenticator
     api_keys: ApiKeys
     slots: ConnectionSlots

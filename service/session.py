@@ -1,12 +1,19 @@
-"""Protocol sessions: `/ws` (protocol v1 commands) and `/ws/{channel}` (simple mode)."""
+"""Protocol sessions: `/ws` (protocol v1 commands) and `/ws/{channel}` (simple mode).
+
+A session speaks the protocol over one `Connection`: each client message reaches
+`handle_text` once, and each command has one method. What must wait (a publish for
+Redis's answer, a subscribe for Redis's confirmation) is returned to the connection,
+which takes the next message once it is done.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from starlette.websockets import WebSocket
 
@@ -19,7 +26,6 @@ from service.limits import PublishLimiter, TokenBucket
 from service.protocol import frames
 from service.protocol.codes import CloseCode, ErrorCode
 from service.protocol.commands import (
-    Command,
     Ping,
     Publish,
     Refresh,
@@ -29,6 +35,7 @@ from service.protocol.commands import (
     parse_command,
 )
 from service.runtime import Runtime
+from service.transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -38,22 +45,37 @@ _REFRESH_RATE = 0.2  # per second
 _REFRESH_BURST = 10
 
 
-class _ChannelSession(Connection):
-    """A connection that is a member of hub channels and publishes through the broker."""
+class _ChannelSession:
+    """A client's channel memberships and publishes, over one connection."""
 
-    def __init__(self, websocket: WebSocket, runtime: Runtime, principal: Principal) -> None:
+    __slots__ = (
+        "_channels",
+        "_expiry",
+        "_left",
+        "_principal",
+        "_publishes",
+        "_refreshes",
+        "_rt",
+        "connection",
+    )
+
+    def __init__(
+        self, websocket: WebSocket, transport: Transport, runtime: Runtime, principal: Principal
+    ) -> None:
         settings = runtime.settings
-        super().__init__(
+        #: The hub's member for this client: it delivers the channels' frames.
+        self.connection = Connection(
             websocket,
-            max_messages=settings.outbox_max_messages,
-            max_chars=settings.outbox_max_bytes,
+            transport,
+            self,
+            limits=runtime.outbox_limits,
             close_timeout=settings.ws_close_timeout,
             metrics=runtime.metrics,
         )
         self._rt = runtime
         self._principal = principal
-        # Made on first use: most connections never publish nor refresh, and an idle
-        # connection's every byte counts (docs/performance.md).
+        # Made on first use: most connections never publish nor refresh, and memory per
+        # idle connection is what bounds a worker (docs/performance.md, "What bounds the rest").
         self._publishes: PublishLimiter | None = None
         self._refreshes: TokenBucket | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -61,14 +83,26 @@ class _ChannelSession(Connection):
         self._channels: dict[str, bytes | None] = {}
         self._left: list[tuple[str, bytes]] = []
 
+    def deliver(self, frame: str) -> None:
+        """Send `frame` to the client (see `Connection.deliver`)."""
+        self.connection.deliver(frame)
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close the connection once what is queued has gone out."""
+        self.connection.close(code, reason)
+
     def send_error(self, error: ServiceError) -> None:
         """Queue an `error` frame for `error` (nothing once the connection is closing)."""
-        if self.closing:
+        if self.connection.closing:
             return
         self._rt.metrics.protocol_errors.labels(error.code.value).inc()
-        self.deliver(frames.error(error.code, error.message, error.ref))
+        self.connection.deliver(frames.error(error.code, error.message, error.ref))
 
-    async def handle_bytes(self, data: bytes) -> None:
+    def handle_text(self, text: str) -> Awaitable[None] | None:
+        """Act on one text message (the subclass's commands)."""
+        raise NotImplementedError
+
+    def handle_bytes(self, data: bytes) -> None:
         """Binary frames are answered with an error; the connection carries on."""
         self.send_error(ProtocolError(ErrorCode.BINARY_NOT_SUPPORTED, _BINARY_MESSAGE))
 
@@ -127,43 +161,59 @@ class _ChannelSession(Connection):
         since: str | None = None,
         on_joined: Callable[[Joined], None] | None = None,
     ) -> bool:
-        await self._rt.hub.join(channel, self, since, on_joined)
-        if self.closing:
+        connection = self.connection
+        await self._rt.hub.join(channel, connection, since, on_joined)
+        if connection.closing:
             # Closed while the subscription was being made: release() already ran.
-            self._rt.hub.leave(channel, self)
+            self._rt.hub.leave(channel, connection)
             return False
         self._channels[channel] = info
         return True
 
+    def _leave(self, channel: str, ref: Ref | None) -> Coroutine[Any, Any, None] | None:
+        """Leave `channel` and say so; the leave event to announce, if any."""
+        info = self._channels.pop(channel)
+        self._rt.hub.leave(channel, self.connection)
+        self.connection.deliver(frames.unsubscribed(channel, ref))
+        return None if info is None else self._announce("leave", channel, info)
+
     def release(self) -> None:
         """Leave every channel (at once: the hub must stop delivering to us)."""
         for channel, info in self._channels.items():
-            self._rt.hub.leave(channel, self)
+            self._rt.hub.leave(channel, self.connection)
             if info is not None:
                 self._left.append((channel, info))
         self._channels.clear()
 
-    def _publish_now(
-        self, channel: str, data: bytes, ref: Ref | None, *, ack: bool, key: str | None = None
-    ) -> None:
-        """Publish from inside the read; the next message waits until Redis answered."""
-        self._hold()
-        self._rt.broker.publish_now(channel, data, partial(self._published, channel, ref, ack), key)
+    def _publish(
+        self, channel: str, data: bytes, ref: Ref | None, key: str | None, *, ack: bool
+    ) -> asyncio.Future[None]:
+        """Publish; the returned future is done once Redis answered (the next waits)."""
+        self._may_publish(channel, ref)
+        done = asyncio.get_running_loop().create_future()
+        self._rt.broker.publish_now(
+            channel, data, partial(self._published, done, channel, ref, ack), key
+        )
+        return done
 
     def _published(
-        self, channel: str, ref: Ref | None, ack: bool, outcome: str | Exception
+        self,
+        done: asyncio.Future[None],
+        channel: str,
+        ref: Ref | None,
+        ack: bool,
+        outcome: str | Exception,
     ) -> None:
-        # What `handle_text` does after its `await` of the publish.
-        self._release_hold()
+        if not done.done():  # cancelled if the connection ended meanwhile
+            done.set_result(None)
         if isinstance(outcome, str):
             self._rt.metrics.published_ws += 1
-            if ack and not self.closing:
-                self.deliver(frames.published(channel, outcome, ref))
+            if ack:
+                self.connection.deliver(frames.published(channel, outcome, ref))
         elif isinstance(outcome, BrokerUnavailable):  # `OutcomeUnknown` too: its own code
             outcome.ref = ref
             self.send_error(outcome)
         else:
-            # As for a command that raised in the read loop: logged, closed with 1011.
             logger.error("publishing failed", exc_info=outcome)
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
@@ -173,90 +223,78 @@ class _ChannelSession(Connection):
         except BrokerUnavailable as exc:
             logger.info("%s event on %r not published: %s", kind, channel, exc.message)
 
+    async def _answering(self, command: Awaitable[None]) -> None:
+        """Await a command; what it raises of ours becomes an `error` frame."""
+        try:
+            await command
+        except ServiceError as exc:
+            self.send_error(exc)
+
     async def run(self) -> None:
         """Serve the connection, then announce the departures it owes."""
         self._watch_expiry()
         try:
-            await super().run()
+            await self.connection.run()
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
+                self._expiry = None
         left, self._left = self._left, []
         for channel, info in left:
             await self._announce("leave", channel, info)
 
 
 class Session(_ChannelSession):
-    """`/ws`: a client speaking protocol v1 (subscribe, unsubscribe, publish, ping)."""
+    """`/ws`: a client speaking protocol v1 (subscribe, unsubscribe, publish, ping, refresh)."""
 
-    def _handle_now(self, text: str) -> bool:
-        """Publish and ping from inside the read; the other commands need the read loop."""
+    __slots__ = ()
+
+    def handle_text(self, text: str) -> Awaitable[None] | None:
+        """Parse one command and run it; every failure becomes an `error` frame."""
         try:
-            command = parse_command(text, self._rt.limits)
-            match command:
+            match parse_command(text, self._rt.limits):
                 case Publish(channel, data, ref, key):
-                    self._may_publish(channel, ref)
-                    self._publish_now(channel, data, ref, ack=True, key=key)
+                    return self._publish(channel, data, ref, key, ack=True)
                 case Ping(ref):
-                    self.deliver(frames.pong(ref))
-                case _:
-                    return False  # parsed again by `handle_text`: rare, and cheap
+                    self.connection.deliver(frames.pong(ref))
+                case Subscribe(channel, since, info, ref):
+                    return self._answering(self._subscribe(channel, since, info, ref))
+                case Unsubscribe(channel, ref):
+                    return self._unsubscribe(channel, ref)
+                case Refresh(token, ref):
+                    return self._answering(self._refresh(token, ref))
         except ServiceError as exc:
             self.send_error(exc)
-        return True
+        return None
 
-    async def handle_text(self, text: str) -> None:
-        """Parse and execute one command; every failure becomes an `error` frame."""
+    async def _subscribe(
+        self, channel: str, since: str | None, info: bytes | None, ref: Ref | None
+    ) -> None:
+        if channel in self._channels:
+            raise ProtocolError(
+                ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}", ref=ref
+            )
+        self._may_subscribe(channel, ref)
+
+        def reply(joined: Joined) -> None:
+            # Called by the hub just before the channel's first frame can be queued.
+            self.connection.deliver(
+                frames.subscribed(channel, ref, joined.recovered, joined.position)
+            )
+
         try:
-            command = parse_command(text, self._rt.limits)
-            await self._execute(command)
-        except ServiceError as exc:
-            self.send_error(exc)
+            if not await self._join(channel, info, since, reply):
+                return
+        except BrokerUnavailable as exc:
+            exc.ref = ref
+            raise
+        if info is not None:
+            await self._announce("join", channel, info)
 
-    async def _execute(self, command: Command) -> None:
-        match command:
-            case Publish(channel, data, ref, key):
-                self._may_publish(channel, ref)
-                try:
-                    message_id = await self._rt.broker.publish(channel, data, key)
-                except BrokerUnavailable as exc:
-                    exc.ref = ref
-                    raise
-                self._rt.metrics.published_ws += 1
-                self.deliver(frames.published(channel, message_id, ref))
-            case Subscribe(channel, since, info, ref):
-                if channel in self._channels:
-                    raise ProtocolError(
-                        ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}", ref=ref
-                    )
-                self._may_subscribe(channel, ref)
-
-                def reply(joined: Joined) -> None:
-                    # Called by the hub just before the channel's first frame can be queued.
-                    self.deliver(frames.subscribed(channel, ref, joined.recovered, joined.position))
-
-                try:
-                    if not await self._join(channel, info, since, reply):
-                        return
-                except BrokerUnavailable as exc:
-                    exc.ref = ref
-                    raise
-                if info is not None:
-                    await self._announce("join", channel, info)
-            case Unsubscribe(channel, ref):
-                if channel not in self._channels:
-                    raise ProtocolError(
-                        ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel!r}", ref=ref
-                    )
-                info = self._channels.pop(channel)
-                self._rt.hub.leave(channel, self)
-                self.deliver(frames.unsubscribed(channel, ref))
-                if info is not None:
-                    await self._announce("leave", channel, info)
-            case Ping(ref):
-                self.deliver(frames.pong(ref))
-            case Refresh(token, ref):
-                await self._refresh(token, ref)
+    def _unsubscribe(self, channel: str, ref: Ref | None) -> Awaitable[None] | None:
+        if channel not in self._channels:
+            raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel!r}", ref=ref)
+        return self._leave(channel, ref)
 
     async def _refresh(self, token: str, ref: Ref | None) -> None:
         if self._refreshes is None:
@@ -279,24 +317,29 @@ class Session(_ChannelSession):
             )
         self._principal = principal
         self._watch_expiry()
-        self.deliver(frames.refreshed(principal.expires_at, ref))
+        self.connection.deliver(frames.refreshed(principal.expires_at, ref))
         # Permissions the new token no longer grants end now, or refreshing would keep
         # a revoked subscription alive for as long as the client stays connected.
         for channel in [c for c in self._channels if not principal.may_subscribe(c)]:
-            info = self._channels.pop(channel)
-            self._rt.hub.leave(channel, self)
-            self.deliver(frames.unsubscribed(channel, None))
-            if info is not None:
-                await self._announce("leave", channel, info)
+            announce = self._leave(channel, None)
+            if announce is not None:
+                await announce
 
 
 class SimpleSession(_ChannelSession):
     """`/ws/{channel}`: subscribed at once; each text frame is published as string data."""
 
+    __slots__ = ("_channel",)
+
     def __init__(
-        self, websocket: WebSocket, runtime: Runtime, principal: Principal, channel: str
+        self,
+        websocket: WebSocket,
+        transport: Transport,
+        runtime: Runtime,
+        principal: Principal,
+        channel: str,
     ) -> None:
-        super().__init__(websocket, runtime, principal)
+        super().__init__(websocket, transport, runtime, principal)
         self._channel = channel
 
     async def run(self) -> None:
@@ -317,23 +360,11 @@ class SimpleSession(_ChannelSession):
             self.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable, retry later")
         await super().run()
 
-    def _handle_now(self, text: str) -> bool:
-        """Publish the frame's text from inside the read."""
-        try:
-            data = encode_json_value(text, self._rt.limits, "message", None)
-            self._may_publish(self._channel, None)
-            self._publish_now(self._channel, data, None, ack=False)
-        except ServiceError as exc:
-            self.send_error(exc)
-        return True
-
-    async def handle_text(self, text: str) -> None:
+    def handle_text(self, text: str) -> Awaitable[None] | None:
         """Publish the frame's text to the channel."""
         try:
             data = encode_json_value(text, self._rt.limits, "message", None)
-            self._may_publish(self._channel, None)
-            await self._rt.broker.publish(self._channel, data)
+            return self._publish(self._channel, data, None, None, ack=False)
         except ServiceError as exc:
             self.send_error(exc)
-            return
-        self._rt.metrics.published_ws += 1
+        return None

@@ -162,6 +162,16 @@ class Settings(BaseSettings):
             "frame; then its socket is dropped (a client that never reads holds nothing)."
         ),
     )
+    fast_adapters: bool = Field(
+        True,
+        description=(
+            "Use the adapters that reach into uvicorn and redis-py for speed (frames "
+            "written straight to the socket, messages taken from inside the read, Redis "
+            "replies parsed in C from inside the read). Each checks the installed library "
+            "at start-up and falls back to the public API by itself; false takes the public "
+            "paths only (the bounds on request heads and handshakes stay)."
+        ),
+    )
     ws_per_message_deflate: bool = Field(
         False,
         description="Accept per-message compression. Costs CPU and memory per connection.",

@@ -8,7 +8,28 @@ from pathlib import Path
 import pytest
 
 from service.settings import SETTINGS_ENV_VAR, Settings
-from tests.helpers import RedisServer, Worker, start_all, unique
+from tests.helpers import WORKER_DEFAULTS, RedisServer, Worker, start_all, unique
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--public-paths`: the run of scripts/test that keeps the adapters' fallbacks alive."""
+    parser.addoption(
+        "--public-paths",
+        action="store_true",
+        help="start every worker with FAST_ADAPTERS=false (the public API paths only)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Apply `--public-paths` to the workers the tests start."""
+    if config.getoption("--public-paths"):
+        WORKER_DEFAULTS["FAST_ADAPTERS"] = "false"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which paths the workers take."""
+    public = config.getoption("--public-paths")
+    return "workers: " + ("FAST_ADAPTERS=false (public paths)" if public else "fast adapters on")
 
 
 @pytest.fixture(autouse=True)

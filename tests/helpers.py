@@ -88,6 +88,11 @@ async def async_wait_for(
     raise AssertionError(f"timed out waiting for {what}: last error {last_error!r}")
 
 
+#: Settings of every worker a test starts, unless the test sets them itself: the suite's
+#: `--public-paths` run sets FAST_ADAPTERS=false here (tests/conftest.py).
+WORKER_DEFAULTS: dict[str, str] = {}
+
+
 def hermetic_environment() -> dict[str, str]:
     """This process's environment without any of the service's settings in it."""
     settings = {name.upper() for name in Settings.model_fields} | {SETTINGS_ENV_VAR}
@@ -215,6 +220,7 @@ class Worker:
     def start(self, *, wait_ready: bool = True) -> Worker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = hermetic_environment()
+        env.update(WORKER_DEFAULTS)
         env.update(self.env)
         with open(self.log_path, "ab") as log:
             # Started from an empty directory so that no developer's .env leaks in.

@@ -2,11 +2,12 @@
 
 Served by a small ASGI app in front of the FastAPI app rather than as FastAPI routes:
 the middleware, routing and dependency machinery (exit stacks, exception wrappers,
-solved parameters) stay alive for as long as a WebSocket does, about 12 KB per idle
-connection, more than a quarter of what one cost (docs/performance.md). The checks are
-the same: the Origin, then a token from the `Authorization: Bearer` header, the `token`
-query parameter or the `token` cookie; a refusal closes before `accept`, which is an
-HTTP 403. Anything else, the lifespan included, goes to the FastAPI app.
+solved parameters) would stay alive for as long as a WebSocket does, and an idle
+connection's every byte counts (docs/performance.md, "What changed, and what each part
+bought", no. 2). The checks are the same: the Origin, then a token from the
+`Authorization: Bearer` header, the `token` query parameter or the `token` cookie; a
+refusal closes before `accept`, which is an HTTP 403. Anything else, the lifespan
+included, goes to the FastAPI app.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import cookie_parser
 from starlette.websockets import WebSocket
 
+from service.adapters.uvicorn import transport_for
 from service.auth import InvalidToken, Principal, origin_allowed
 from service.protocol import frames
 from service.protocol.codes import CloseCode
@@ -56,7 +58,7 @@ class WebSocketEndpoints:
             await self.app(scope, receive, send)  # FastAPI answers: no such route
             return
         # One frame for the whole connection (it waits as long as the connection lives):
-        # the handshake, then the session. The session gets uvicorn's own `send`.
+        # the handshake, then the session.
         runtime: Runtime = self.app.state.runtime
         websocket = WebSocket(scope, receive, send)
         try:
@@ -70,13 +72,15 @@ class WebSocketEndpoints:
         if not await _take_slot(websocket, runtime):
             return
         try:
+            # uvicorn's own `send`, which the adapter may write through directly.
+            transport = transport_for(send, fast=runtime.settings.fast_adapters)
             if channel is None:
                 # Protocol v1: the client subscribes, unsubscribes and publishes.
-                session: Session | SimpleSession = Session(websocket, runtime, principal)
+                session: Session | SimpleSession = Session(websocket, transport, runtime, principal)
                 session.deliver(frames.welcome(runtime.worker_id))
             else:
                 # Simple mode: subscribed to `channel`; each text frame is published to it.
-                session = SimpleSession(websocket, runtime, principal, channel)
+                session = SimpleSession(websocket, transport, runtime, principal, channel)
             await session.run()
         finally:
             runtime.slots.release()

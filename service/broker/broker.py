@@ -1,47 +1,45 @@
 """`Broker`: publish, subscribe and read history, whichever backend is configured.
 
-broadcaster stays the pub/sub seam: every subscription goes through
-`Broadcast.subscribe`, backed by our `RedisBackend` for redis:// and rediss:// and by
-broadcaster's own `MemoryBackend` for memory://. Publishing a message also numbers it
-and keeps it in the channel's history, which `Broadcast.publish` cannot do, so that
-call goes to the history store (`RedisHistory`, or `MemoryHistory` for memory://).
+broadcaster stays the pub/sub seam, through its public names only: every subscription
+goes through `Broadcast.subscribe`, backed by our `RedisBackend` for redis:// and
+rediss:// and by broadcaster's own memory backend for memory://. Each channel's
+messages go to one `ChannelSink` with their position: with Redis straight from the read
+of the pub/sub connection (broadcaster's listener would add a task step and a queue per
+message), with memory:// from broadcaster's subscriber.
+
+Publishing a message also numbers it and keeps it in the channel's history, which
+`Broadcast.publish` cannot do, so that call goes to the history store (`RedisHistory`,
+or `MemoryHistory` for memory://).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from broadcaster import Broadcast, Event
-from broadcaster._backends.memory import MemoryBackend
-from broadcaster._base import Subscriber, Unsubscribed
 
-from service.broker.history import HistoryRead, MemoryHistory, Position, Replayed
+from service.broker.history import HistoryRead, MemoryHistory, Position, Replayed, position_of
 from service.broker.redis_backend import RedisBackend
 from service.broker.redis_history import Published, RedisHistory, publish_token_ttl
+from service.broker.sink import ChannelSink
 from service.errors import BrokerUnavailable
+from service.protocol.frames import message_head
 from service.settings import Settings
 
 __all__ = [
     "Broker",
+    "ChannelSink",
     "HistoryRead",
     "Position",
     "Readiness",
     "Replayed",
-    "Subscription",
-    "Unsubscribed",
 ]
 
 _READINESS_PING_TIMEOUT = 2.0
-
-Subscription = Subscriber
-
-#: Takes a message from inside the Redis read; False: queue it for the subscription.
-#: It must not raise: the read it runs in serves every channel of the worker.
-Taker = Callable[[str], bool]
 
 
 class _HistoryStore(Protocol):
@@ -106,38 +104,6 @@ class _MemoryStore:
         return self._history.latest(channel, limit)
 
 
-class _Broadcast(Broadcast):
-    """broadcaster's `Broadcast`, which the Redis reader can hand messages to directly.
-
-    broadcaster passes each message from the backend to a listener task, which puts it
-    into each subscriber's queue: a task step per message. `dispatch` does the same
-    `put` from inside the reader's read, and hands the message straight to a subscriber
-    that takes messages at once (`takers`) when nothing waits in its queue: no task step
-    at all. It reads broadcaster's subscriber sets and a subscriber's queue, internals
-    that pin broadcaster to 0.3.1 (pyproject.toml).
-    """
-
-    def __init__(self, *, backend: RedisBackend) -> None:
-        super().__init__(backend=backend)
-        #: A subscriber's queue -> what takes its messages at once (see `Taker`).
-        self.takers: dict[asyncio.Queue[Event | None], Taker] = {}
-
-    def dispatch(self, event: Event) -> bool:
-        """Hand `event` to its channel's subscribers; False if there are none (yet)."""
-        queues = self._subscribers.get(event.channel)
-        if not queues:
-            return False
-        takers = self.takers
-        for queue in queues:
-            # Only with nothing queued before it: a message never overtakes another.
-            if takers and queue.empty():
-                take = takers.get(queue)
-                if take is not None and take(event.message):
-                    continue
-            queue.put_nowait(event)  # unbounded (broadcaster's): never raises QueueFull
-        return True
-
-
 @dataclass(frozen=True, slots=True)
 class Readiness:
     """Whether this worker can publish and receive, and why not."""
@@ -153,7 +119,7 @@ class Broker:
         self._redis: RedisBackend | None = None
         self._history: _HistoryStore
         if settings.backend_scheme == "memory":
-            self._broadcast = Broadcast(backend=MemoryBackend(settings.broadcast_url))
+            self._broadcast = Broadcast(settings.broadcast_url)
             self._history = _MemoryStore(self._broadcast, settings)
         else:
             self._redis = RedisBackend(
@@ -167,6 +133,7 @@ class Broker:
                 retry_max_delay=settings.redis_retry_max_delay,
                 canary_interval=settings.canary_interval,
                 canary_timeout=settings.canary_timeout,
+                fast=settings.fast_adapters,
             )
             self._history = RedisHistory(
                 self._redis.client,
@@ -179,8 +146,7 @@ class Broker:
                 token_ttl=publish_token_ttl(settings.broker_timeout),
                 key_ttl=settings.idempotency_ttl,
             )
-            self._broadcast = _Broadcast(backend=self._redis)
-            self._redis.dispatch = self._broadcast.dispatch
+            self._broadcast = Broadcast(backend=self._redis)
 
     @property
     def redis(self) -> RedisBackend | None:
@@ -229,28 +195,34 @@ class Broker:
         await self._broadcast.publish(channel, frame)
 
     @asynccontextmanager
-    async def subscribe(
-        self, channel: str, take: Taker | None = None
-    ) -> AsyncIterator[Subscription]:
-        """Subscribe to `channel` until the block exits; Redis has confirmed it on entry.
+    async def subscribe(self, channel: str, sink: ChannelSink) -> AsyncIterator[None]:
+        """Hand `channel`'s messages to `sink` until the block exits.
 
-        With `take`, a message that arrives while nothing waits in the subscription's
-        queue is offered to it first, from inside the Redis read (Redis only); what it
-        refuses is queued.
+        Redis has confirmed the subscription on entry. With Redis, `sink` is called from
+        inside the read of the pub/sub connection, which serves every channel of the
+        worker: it must not raise, nor wait.
         """
-        async with self._broadcast.subscribe(channel) as subscriber:
-            if self._redis is not None:
-                await self._redis.wait_subscribed(channel)
-            broadcast = self._broadcast
-            if take is None or not isinstance(broadcast, _Broadcast):
-                yield subscriber
-                return
-            queue = subscriber._queue  # broadcaster 0.3.1's Subscriber
-            broadcast.takers[queue] = take
+        redis = self._redis
+        if redis is not None:
+            # Before SUBSCRIBE goes out: the first message may follow its confirmation
+            # in the same read.
+            redis.attach(channel, sink)
             try:
-                yield subscriber
+                async with self._broadcast.subscribe(channel):
+                    await redis.wait_subscribed(channel)
+                    yield
             finally:
-                del broadcast.takers[queue]
+                redis.detach(channel, sink)
+            return
+        async with self._broadcast.subscribe(channel) as subscriber:
+            # broadcaster 0.3.1 annotates its `__aiter__` as maybe returning None.
+            events = cast("AsyncIterable[Event | None]", subscriber)
+            reader = asyncio.create_task(_relay(events, channel, sink))
+            try:
+                yield
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
 
     async def wait_live(self, channel: str) -> None:
         """Wait until this worker's subscription to `channel` is confirmed (normally at once).
@@ -275,3 +247,12 @@ class Broker:
         except BrokerUnavailable as exc:
             return Readiness(False, exc.message)
         return Readiness(True)
+
+
+async def _relay(subscriber: AsyncIterable[Event | None], channel: str, sink: ChannelSink) -> None:
+    """memory://: broadcaster's subscriber's messages to `sink`, as the Redis read does."""
+    head = message_head(channel)
+    async for event in subscriber:
+        if event is not None:
+            frame = event.message
+            sink.message(position_of(frame, head), frame)

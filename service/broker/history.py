@@ -78,9 +78,20 @@ class HistoryRead:
     """
 
     position: Position
-    frames: Sequence[str]
+    #: (seq, frame) of each message, oldest first; all in `position`'s epoch.
+    entries: Sequence[tuple[int, str]]
     recovered: bool = False
     complete: bool = False
+
+    @property
+    def frames(self) -> list[str]:
+        """The `message` frames, oldest first."""
+        return [frame for _, frame in self.entries]
+
+    def messages(self) -> list[tuple[Position, str]]:
+        """Each message's position and frame, oldest first."""
+        epoch = self.position.epoch
+        return [(Position(epoch, seq), frame) for seq, frame in self.entries]
 
 
 def read_after(
@@ -89,13 +100,13 @@ def read_after(
     """Judge `entries` (seq, frame), read from the first seq after `since` onwards."""
     position = Position(epoch, top)
     if since is None or since.epoch != epoch or since.seq > top:
-        return HistoryRead(position, [frame for _, frame in entries])
+        return HistoryRead(position, entries)
     if since.seq == top:
         return HistoryRead(position, [], recovered=True, complete=True)
     recovered = bool(entries) and entries[0][0] == since.seq + 1
     # Every seq up to the top, none missing in between (a worker with history off, say).
     complete = recovered and entries[-1][0] == top and len(entries) == top - since.seq
-    return HistoryRead(position, [frame for _, frame in entries], recovered, complete)
+    return HistoryRead(position, entries, recovered, complete)
 
 
 class _MemoryChannel:
@@ -191,7 +202,7 @@ class MemoryHistory:
         """The channel's last `limit` messages, oldest first."""
         state = self._touch(channel)
         entries = list(state.entries)[-limit:] if limit else []
-        return HistoryRead(Position(state.epoch, state.seq), [frame for _, frame in entries])
+        return HistoryRead(Position(state.epoch, state.seq), entries)
 
     def _touch(self, channel: str) -> _MemoryChannel:
         now = self._clock()

@@ -2,8 +2,8 @@
 
 Every publish needs two random strings (a candidate epoch and an idempotency token,
 service/broker/redis_history.py). Made one at a time, each is a system call and, for
-the epoch, a base-32 encoding in pure Python: a few microseconds per publish on the
-benchmark's machine (docs/performance.md). A batch costs about the same as one name.
+the epoch, a base-32 encoding in pure Python; a batch costs about the same as one name
+(docs/performance.md, "What changed, and what each part bought", no. 7).
 
 Neither name is a secret, only unpredictable enough not to collide; each is still 40 or
 96 bits straight from the OS. A child process made by `fork` starts with empty batches,

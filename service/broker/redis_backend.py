@@ -1,6 +1,6 @@
 """A broadcaster backend for Redis pub/sub that never dies and never loses a subscription.
 
-broadcaster 0.3.1's own Redis backend has the traps listed in PITFALLS.md: with
+broadcaster 0.3.1's own Redis backend has known traps (tests/integration/test_pitfalls.py): with
 redis-py 8 it can deliver nothing after the first subscription (its listener waits
 on a signal sent before SUBSCRIBE is recorded), its listener ends for good on a
 disconnect or a non-UTF-8 payload, and it builds its client without retries.
@@ -12,12 +12,12 @@ This backend keeps broadcaster's `BroadcastBackend` interface, but:
 * One reader task owns a dedicated pub/sub connection (not a pool connection). It
   reconnects with jittered exponential backoff and re-subscribes everything wanted;
   it catches every error, so it cannot end while the backend is open. The messages
-  themselves are parsed and handed on from inside each read (`ReplyTap`), straight
-  into the subscribers' queues when the broker allows it (`dispatch`).
+  themselves are parsed and handed on from inside each read (`reply_reader`), to the
+  channel's `ChannelSink` with their position: broadcaster's listener gets none.
 * A watchdog pings the pub/sub connection when it is silent and rebuilds it when no
   reply comes in time, which `health_check_interval` does not do for a frozen Redis.
-* After a reconnect, each channel that was live gets `SUBSCRIPTION_INTERRUPTED` in its
-  stream once it is confirmed again, so the hub can fill the gap from history.
+* After a reconnect, each channel that was live is told `interrupted()` once it is
+  confirmed again, so the hub can fill the gap from history.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable
 from typing import Any
 
 from broadcaster import BroadcastBackend, Event
@@ -39,16 +38,15 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.broker.canary import Canary
+from service.broker.history import position_of
 from service.broker.redis_pipe import ScriptPipe
-from service.broker.replies import ReplyTap
+from service.broker.replies import Replies, reply_reader
+from service.broker.sink import ChannelSink
 from service.errors import BrokerUnavailable
+from service.protocol.frames import message_head
 
 logger = logging.getLogger(__name__)
 
-#: Queued on a channel's subscription where it was interrupted: messages published
-#: between the previous item and the next may not have reached this worker. Not a frame
-#: (it is not JSON), so nothing published through the service can look like it.
-SUBSCRIPTION_INTERRUPTED = "\x00interrupted"
 # Log the first non-UTF-8 payload, then one in this many.
 _DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
@@ -83,6 +81,7 @@ class RedisBackend(BroadcastBackend):
         retry_max_delay: float,
         canary_interval: float,
         canary_timeout: float,
+        fast: bool = True,
     ) -> None:
         # BroadcastBackend.__init__ only raises NotImplementedError: not called on purpose.
         self._prefix = prefix
@@ -91,14 +90,17 @@ class RedisBackend(BroadcastBackend):
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._retry_max_delay = retry_max_delay
-        # Redis.from_url builds a client with no retries (PITFALLS.md). The Retry must be
+        # Read the pub/sub and publish connections with `ReplyTap` when its start-up check
+        # passes (service/broker/replies.py); False: redis-py's public reads only.
+        self._fast = fast
+        # Redis.from_url builds a client with no retries. The Retry must be
         # redis.asyncio.retry.Retry: the sync class accepts async commands but never retries
         # them (test_publish_rides_out_a_dropped_command_connection). Retry only on
         # connection errors: a timed-out script may still run later, and running it twice
         # would publish the message twice.
         # A blocking pool: redis-py's default pool raises "Too many connections" at once
-        # when every connection is busy, which failed a third of the resumes of a
-        # 1000-client reconnect storm (bench storm scenario,
+        # when every connection is busy, which failed resumes in a reconnect storm
+        # (docs/performance.md, "What changed, and what each part bought", no. 3;
         # test_a_storm_of_resumes_waits_for_pool_connections_instead_of_failing).
         self._retry = Retry(
             ExponentialWithJitterBackoff(base=_FIRST_RETRY_DELAY, cap=0.5),
@@ -117,12 +119,8 @@ class RedisBackend(BroadcastBackend):
         )
         self._client: Redis = Redis(connection_pool=pool)
         self._pipes: list[ScriptPipe] = []
-        # Messages for broadcaster's listener (`next_published`): all of them without a
-        # `dispatch`; with one, those it could not hand on and whatever came after them.
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        #: Set by the broker: hands an event to its subscribers at once, or returns False
-        #: (nobody to hand it to yet); the event then goes the listener's way.
-        self.dispatch: Callable[[Event], bool] | None = None
+        # channel name -> (its frames' head, what takes its messages): `attach`
+        self._sinks: dict[str, tuple[str, ChannelSink]] = {}
         # channel name -> set once Redis confirmed our latest SUBSCRIBE to it
         self._wanted: dict[str, asyncio.Event] = {}
         # prefixed channel (bytes, as Redis sends it) -> channel name
@@ -133,8 +131,8 @@ class RedisBackend(BroadcastBackend):
         # it: while any is left, the worker is deaf to them (readiness is false). A channel
         # subscribed later is not counted: its subscriber waits for it, nobody else does.
         self._resubscribing: set[str] = set()
-        # Channels that were live when the connection broke: SUBSCRIPTION_INTERRUPTED goes
-        # into their stream once the channel is confirmed again.
+        # Channels that were live when the connection broke: told `interrupted()` once the
+        # channel is confirmed again.
         self._gaps: set[str] = set()
         self._conn: AbstractConnection | None = None
         self._generation = 0
@@ -200,8 +198,19 @@ class RedisBackend(BroadcastBackend):
             raise BrokerUnavailable(f"Redis did not accept the event: {exc}") from exc
 
     async def next_published(self) -> Event:
-        """The next message on any wanted channel, as a str frame."""
-        return await self._queue.get()
+        """Never returns: messages go to each channel's sink from inside the read."""
+        await asyncio.Future()
+        raise AssertionError("unreachable")
+
+    def attach(self, channel: str, sink: ChannelSink) -> None:
+        """Hand `channel`'s messages to `sink`, from inside the read, with their positions."""
+        self._sinks[channel] = (message_head(channel), sink)
+
+    def detach(self, channel: str, sink: ChannelSink) -> None:
+        """Stop handing `channel`'s messages to `sink` (if it is still the one attached)."""
+        attached = self._sinks.get(channel)
+        if attached is not None and attached[1] is sink:
+            del self._sinks[channel]
 
     # -- what the broker adds ---------------------------------------------------------
 
@@ -222,6 +231,7 @@ class RedisBackend(BroadcastBackend):
             lambda: self._new_connection(client_name=name),
             timeout=self._timeout,
             retry=self._retry,
+            fast=self._fast,
         )
         self._pipes.append(pipe)
         return pipe
@@ -313,9 +323,9 @@ class RedisBackend(BroadcastBackend):
         pool = self._client.connection_pool
         # A connection of our own, outside the pool, with no retries of its own: its user
         # (the pub/sub reader, a script pipe) decides when and how often to reconnect, and
-        # reads it with hiredis itself. RESP2, because redis-py 8 speaks RESP3 by default and
-        # then routes pub/sub messages through a push handler that formats a debug line for
-        # each one; in RESP2 they are plain replies.
+        # reads its replies itself (`reply_reader`). RESP2, because redis-py 8 speaks RESP3
+        # by default and then routes pub/sub messages through a push handler that formats a
+        # debug line for each one; in RESP2 they are plain replies.
         kwargs = {
             **pool.connection_kwargs,
             "retry": Retry(NoBackoff(), 0),
@@ -333,11 +343,12 @@ class RedisBackend(BroadcastBackend):
         failures = 0
         while True:
             conn: AbstractConnection | None = None
+            replies: Replies | None = None
             try:
                 conn = self._new_connection()
                 await conn.connect()  # type: ignore[no-untyped-call]
                 # Before anything is sent: every reply from here on goes to `_reply`.
-                tap = ReplyTap(conn, self._reply)
+                replies = reply_reader(conn, self._reply, fast=self._fast)
                 # From here on `subscribe` sends on this connection itself; everything wanted
                 # before this point is in the snapshot below (no await in between).
                 self._conn = conn
@@ -351,7 +362,7 @@ class RedisBackend(BroadcastBackend):
                     logger.warning("Redis pub/sub connection restored after %d failures", failures)
                 delay, failures = _FIRST_RETRY_DELAY, 0
                 self.last_error = ""
-                await self._watch(conn, tap)
+                await self._watch(conn, replies)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the reader must outlive any error
@@ -370,28 +381,29 @@ class RedisBackend(BroadcastBackend):
                     if confirmed.is_set():
                         self._gaps.add(channel)
                     confirmed.clear()
+                if replies is not None:
+                    await replies.aclose()  # the public reader's task ends with it
                 if conn is not None:
                     await conn.disconnect(nowait=True)
             self.reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self._retry_max_delay)
 
-    async def _watch(self, conn: AbstractConnection, tap: ReplyTap) -> None:
+    async def _watch(self, conn: AbstractConnection, replies: Replies) -> None:
         """Until the connection ends: ping it when silent, end it when a ping goes unheard.
 
-        Messages do not pass through here: each read is parsed with hiredis from inside
-        the read (`ReplyTap` calls `_reply`), with no task step and no timeout per read.
-        redis-py's read_response awaits every line of every message and costs several
-        times more CPU per message (docs/performance.md).
+        Messages do not pass through here: the reader `reply_reader` chose hands each
+        reply to `_reply` (with the tap, from inside the read: no task step and no timeout
+        per read; docs/performance.md, "What changed, and what each part bought", no. 5).
         """
         loop = asyncio.get_running_loop()
         pinged_at: float | None = None  # last_heard when the pending PING went out
-        while not tap.ended.done():
-            silent = loop.time() - tap.last_heard
+        while not replies.ended.done():
+            silent = loop.time() - replies.last_heard
             if silent >= self._ping_interval + self._ping_timeout:
                 raise TimeoutError(f"no reply from Redis for {silent:.1f} s")
-            if silent >= self._ping_interval and pinged_at != tap.last_heard:
-                pinged_at = tap.last_heard
+            if silent >= self._ping_interval and pinged_at != replies.last_heard:
+                pinged_at = replies.last_heard
                 await conn.send_command("PING", check_health=False)
             # Wake when the connection ends, or at the next mark of the silence as it is
             # now, not as it was before the send: its answer may have come meanwhile (on
@@ -399,24 +411,16 @@ class RedisBackend(BroadcastBackend):
             # the whole timeout). A ping `ping_interval` after the last reply, the end
             # `ping_timeout` after that while the ping is unanswered.
             mark = self._ping_interval
-            if pinged_at == tap.last_heard:
+            if pinged_at == replies.last_heard:
                 mark += self._ping_timeout
-            await asyncio.wait([tap.ended], timeout=tap.last_heard + mark - loop.time())
-        raise tap.ended.result()
+            await asyncio.wait([replies.ended], timeout=replies.last_heard + mark - loop.time())
+        raise replies.ended.result()
 
     def _reply(self, reply: Any) -> None:
         if isinstance(reply, Exception):  # an error reply (reply_error made it)
             raise reply
         if isinstance(reply, list) and len(reply) == 3:
             self._handle(reply[0], reply[1], reply[2])
-
-    def _hear(self, event: Event) -> None:
-        # Straight to the subscribers' queues from inside the read, which saves a task
-        # step per message; but never past events still waiting for the listener.
-        dispatch = self.dispatch
-        if dispatch is not None and self._queue.empty() and dispatch(event):
-            return
-        self._queue.put_nowait(event)
 
     def _handle(self, kind: bytes, key: bytes, data: Any) -> None:
         if key == self._canary_key:
@@ -429,7 +433,8 @@ class RedisBackend(BroadcastBackend):
             return
         if kind == b"message":
             channel = self._names.get(key)
-            if channel is None:
+            attached = None if channel is None else self._sinks.get(channel)
+            if attached is None:
                 return  # unsubscribed meanwhile
             try:
                 text = data.decode()
@@ -446,7 +451,8 @@ class RedisBackend(BroadcastBackend):
                         self._prefix,
                     )
                 return
-            self._hear(Event(channel, text))
+            head, sink = attached
+            sink.message(position_of(text, head), text)
         elif kind == b"subscribe":
             # Count acks per channel even if it is no longer wanted: an ack from before an
             # unsubscribe must not confirm a later subscribe that Redis has not yet seen.
@@ -464,4 +470,6 @@ class RedisBackend(BroadcastBackend):
             if channel in self._gaps:
                 # Messages published while the connection was down never reached us.
                 self._gaps.discard(channel)
-                self._hear(Event(channel, SUBSCRIPTION_INTERRUPTED))
+                attached = self._sinks.get(channel)
+                if attached is not None:
+                    attached[1].interrupted()

@@ -177,7 +177,7 @@ class RedisHistory:
         """The last `limit` messages, oldest first (0: only the position)."""
         epoch, top, entries = await self._run(channel, "latest", "", "", limit)
         entries.reverse()
-        return HistoryRead(Position(epoch, top), [frame for _, frame in entries])
+        return HistoryRead(Position(epoch, top), entries)
 
     async def _run(
         self, channel: str, mode: str, since_epoch: str, first: str, count: int

@@ -1,13 +1,14 @@
 """A dedicated Redis connection for the publish script: commands pipelined, replies in C.
 
-Every publish is one script call. Through redis-py's command path (pool checkout, the
-retry wrapper, a timeout per read, a parser that awaits each line of the reply) one call
-costs this process about 200 µs more CPU than it needs on the benchmark's machine kind
-(docs/performance.md). Here a call packs its command, writes it behind those already in
-flight and waits for its reply; each read of the connection goes straight to hiredis
-(`ReplyTap`), and the replies are handed out in order from inside that read. redis-py
-still makes the connection (TLS, AUTH, database, client name), so the URL means the
-same as elsewhere.
+Every publish is one script call. redis-py's command path (pool checkout, the retry
+wrapper, a timeout per read, a parser that awaits each line of the reply) costs several
+times the CPU the call needs (docs/performance.md, "What changed, and what each part
+bought", no. 4). Here a call packs its command, writes it behind those already in
+flight and waits for its reply; the connection's replies are read by the reader
+`reply_reader` chose (service/broker/replies.py: hiredis from inside each read, or
+redis-py's public `read_response` in a task) and handed out in order as they come.
+redis-py still makes the connection (TLS, AUTH, database, client name), so the URL
+means the same as elsewhere.
 
 What the pooled path promised still holds:
 
@@ -16,8 +17,9 @@ What the pooled path promised still holds:
   (`timeout` after it was made) has passed, so a call gives up within about twice
   `timeout`: a last attempt may wait up to `timeout` for its reply.
 * A call that gets no reply within `timeout` of being written fails, and the
-  connection is dropped (reset, so that nothing still buffered on it reaches Redis
-  later), as redis-py drops one that timed out. The other calls on it are retried.
+  connection is dropped (reset by the tap, so that nothing still buffered on it reaches
+  Redis later; closed by the public reader), as redis-py drops one that timed out. The
+  other calls on it are retried.
 * Concurrent calls share one connection attempt: while Redis does not answer, they all
   fail after one connect timeout, not one after another.
 
@@ -28,11 +30,12 @@ closed under it). Redis may have run such an attempt, so the call fails with
 Any other failure means Redis did not run it: no attempt reached Redis, or every one
 that did got a reply saying it did not run (NOSCRIPT, an error reply).
 
-`start` makes a call from synchronous code (the publishing session's read) and hands
-its reply to a callback from inside the read that brought it: no task step on either
-side (service/session.py). What its first write cannot settle (no connection yet, a
-broken one, a script Redis lost) goes on as an awaited call would, in a task, and the
-reply still goes out from inside its read; errors come from the task.
+There is one path: `start` makes a call from synchronous code (the publishing
+session's read) and hands its outcome to a callback; with the tap, from inside the read
+that brought the reply, so no task step on either side (service/session.py). Awaiting
+`pipe(keys=..., args=...)` is `start` with a future as its callback. What the first
+write cannot settle (no connection yet, a broken one, a script Redis lost) goes on in a
+task, and the reply still goes out from inside its read.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-from service.broker.replies import ReplyTap
+from service.broker.replies import reply_reader
 
 logger = logging.getLogger(__name__)
 
@@ -108,21 +111,22 @@ class _NoReply(Exception):
         self.error = error
 
 
+#: Gets what failed an attempt: an error reply (its exception) or `_NoReply`, and when
+#: the attempt was written.
+_OnError = Callable[[Exception, float], None]
+
+
 class _Call:
-    """One call of the script across its attempts, and what is known of its outcome."""
+    """One call of the script across its attempts, once its first attempt did not settle it."""
 
     __slots__ = ("deadline", "on_reply", "parts", "unanswered")
 
     def __init__(
-        self,
-        parts: list[EncodableT],
-        deadline: float,
-        on_reply: OnReply | None = None,
-        unanswered: bool = False,
+        self, parts: list[EncodableT], deadline: float, on_reply: OnReply, unanswered: bool = False
     ) -> None:
         self.parts = parts
         self.deadline = deadline
-        # A `start` call's: its reply goes there from inside its read.
+        # Gets the reply from inside its read, or what the call fails with.
         self.on_reply = on_reply
         # An attempt was written and failed without a reply: Redis may have run it.
         self.unanswered = unanswered
@@ -135,60 +139,47 @@ class _Call:
 
 
 class _Link:
-    """One connection: calls in flight, in the order they were written."""
+    """One connection: commands in flight, in the order they were written."""
 
-    def __init__(self, conn: AbstractConnection, timeout: float) -> None:
+    def __init__(self, conn: AbstractConnection, timeout: float, *, fast: bool) -> None:
         self.conn = conn
         self._timeout = timeout
-        # (when it was written, who waits for its reply), oldest first: replies come in
-        # this order. A future (`send`) or a callback (`send_then`).
-        self._waiting: deque[tuple[float, asyncio.Future[Any] | OnReply]] = deque()
+        # One timer per connection instead of one per call: a call fails between
+        # `timeout` and `timeout` + this after it was written.
+        self._check_every = min(timeout / 4, 1.0)
+        # (when it was written, who gets its reply, who gets its failure), oldest first:
+        # replies come in this order.
+        self._waiting: deque[tuple[float, OnReply, _OnError]] = deque()
         self.loop = asyncio.get_running_loop()
         self._watchdog: asyncio.TimerHandle | None = None
         self.broken: RedisError | None = None
-        # Replies are handed out from inside the read that brought them: no reader task.
-        self._tap = ReplyTap(conn, self._reply, on_end=self._ended)
+        self.replies = reply_reader(conn, self._reply, on_end=self._ended, fast=fast)
+        self._write = self.replies.write
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
-        """Write one packed command; the future gets its reply.
+    def send(self, packed: bytes, on_reply: OnReply, on_error: _OnError) -> None:
+        """Write one packed command; `on_reply` gets its reply, `on_error` why there is none.
 
-        It raises the error reply, or `_NoReply` if the call fails without a reply.
+        `on_error(error, written_at)` gets an error reply as its exception, or `_NoReply`
+        if the command fails without a reply. Both are called from inside the read that
+        brings the reply (or from where the command fails), never from inside this call;
+        an exception they raise is logged: it must not end this connection. Raises
+        `RedisError` (nothing written) if the connection is unusable.
         """
-        future = self.loop.create_future()
-        self._write(packed, future)
-        return future
-
-    def send_then(self, packed: bytes, on_reply: OnReply) -> None:
-        """Write one packed command; `on_reply` gets its reply, or why there is none.
-
-        That is an error reply as its exception, or `_NoReply` if the call fails without
-        a reply. Called from inside the read that brings the reply (or from where the call
-        fails). An exception it raises is logged: it must not end this connection.
-        """
-        self._write(packed, on_reply)
-
-    def _write(self, packed: bytes, waiter: asyncio.Future[Any] | OnReply) -> None:
         if self.broken is not None:
             raise self.broken
         try:
-            # No drain: every call waits for its reply, so what is buffered here is
+            # No drain: every command waits for its reply, so what is buffered here is
             # bounded by the publishes in flight.
-            self._tap.transport.write(packed)
+            self._write(packed)
         except Exception as exc:  # uvloop raises RuntimeError on a closing transport
             error = RedisConnectionError(f"Redis connection unusable: {exc!r}")
             self.close(error)
             raise error from exc
-        self._waiting.append((self.loop.time(), waiter))
+        self._waiting.append((self.loop.time(), on_reply, on_error))
         if self._watchdog is None:
             self._watchdog = self.loop.call_later(self._check_every, self._check)
 
-    @property
-    def _check_every(self) -> float:
-        return min(self._timeout / 4, 1.0)
-
     def _check(self) -> None:
-        # One timer per connection instead of one per call: a call fails between
-        # `timeout` and `timeout` + `_check_every` after it was written.
         self._watchdog = None
         if not self._waiting:
             return
@@ -197,18 +188,27 @@ class _Link:
             self._watchdog = self.loop.call_later(self._check_every, self._check)
             return
         # No reply in time: the connection may be dead without a reset. Like redis-py,
-        # stop using it. Calls that waited too long fail; the others are retried.
+        # stop using it. Commands that waited too long fail; the others are retried.
         timed_out = RedisTimeoutError(f"no reply from Redis within {self._timeout:g} s")
         while self._waiting and now - self._waiting[0][0] >= self._timeout:
-            _, waiter = self._waiting.popleft()
-            _settle(waiter, _NoReply(timed_out))
+            written_at, _, on_error = self._waiting.popleft()
+            _call_back(on_error, _NoReply(timed_out), written_at)
         self.close(RedisConnectionError("an earlier call on this connection timed out"))
 
     def _reply(self, reply: Any) -> None:
-        if not self._waiting:
-            raise RedisConnectionError("Redis sent a reply nobody asked for")
-        _, waiter = self._waiting.popleft()
-        _settle(waiter, reply)
+        try:
+            written_at, on_reply, on_error = self._waiting.popleft()
+        except IndexError:
+            raise RedisConnectionError("Redis sent a reply nobody asked for") from None
+        # What a callback raises is logged: raised into the read, it would end the
+        # connection under every other call.
+        try:
+            if isinstance(reply, Exception):  # an error reply
+                on_error(reply, written_at)
+            else:
+                on_reply(reply)
+        except Exception:
+            logger.exception("a callback for a Redis reply failed")
 
     def _ended(self, reason: BaseException) -> None:
         if isinstance(reason, RedisError):
@@ -217,7 +217,7 @@ class _Link:
             self.close(RedisConnectionError(f"Redis connection lost: {reason!r}"))
 
     def close(self, error: RedisError) -> None:
-        """Fail every call in flight with `error` (as `_NoReply`), and reset the connection."""
+        """Fail every command in flight with `error` (as `_NoReply`); end the connection."""
         if self.broken is not None:
             return
         self.broken = error
@@ -225,26 +225,16 @@ class _Link:
             self._watchdog.cancel()
             self._watchdog = None
         while self._waiting:
-            _, waiter = self._waiting.popleft()
-            _settle(waiter, _NoReply(error))
-        self._tap.end(error)
+            written_at, _, on_error = self._waiting.popleft()
+            _call_back(on_error, _NoReply(error), written_at)
+        self.replies.end(error)
 
 
-def _settle(waiter: asyncio.Future[Any] | OnReply, reply: Any) -> None:
-    """Hand `reply` (an exception if the call failed) to whoever waits for it."""
-    if isinstance(waiter, asyncio.Future):
-        # A caller that was cancelled left its future behind: its reply still arrives
-        # here, in its turn, and is dropped.
-        if not waiter.done():
-            if isinstance(reply, Exception):
-                waiter.set_exception(reply)
-            else:
-                waiter.set_result(reply)
-        return
+def _call_back(callback: Callable[..., None], *outcome: Any) -> None:
+    """`callback(*outcome)`; what it raises is logged (it must not end a read or a task)."""
     try:
-        waiter(reply)
+        callback(*outcome)
     except Exception:
-        # Raised into the read, it would reset the connection under every other call.
         logger.exception("a callback for a Redis reply failed")
 
 
@@ -258,128 +248,137 @@ class ScriptPipe:
         *,
         timeout: float,
         retry: Retry,
+        fast: bool = True,
     ) -> None:
+        """`fast`: read the connection with `ReplyTap` if its check passes (replies.py)."""
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
         self._connection = connection
         self._timeout = timeout
         self._retry = retry
-        # What is left of the retries once `start`'s own write was the first attempt.
-        self._retry_after_start: Retry | None = retry
+        self._fast = fast
+        # What is left of the retries once the first attempt (written by `start`) failed.
+        self._retry_after_first: Retry | None = retry
         retries = retry.get_retries()
         if retries == 0:
-            self._retry_after_start = None
+            self._retry_after_first = None
         elif retries > 0:  # (-1: for ever)
-            self._retry_after_start = copy.copy(retry)
-            self._retry_after_start.update_retries(retries - 1)
+            self._retry_after_first = copy.copy(retry)
+            self._retry_after_first.update_retries(retries - 1)
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
         self._closed = False
-        # Calls `start` handed to a task; held here, as the loop keeps only weak references.
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Calls that went on in a task; held here, as the loop keeps only weak references.
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, keys: list[EncodableT], args: list[EncodableT]) -> Any:
-        """Run the script (EVALSHA; EVAL once Redis says it does not have it).
+        """Run the script and return its reply: `start` with a future as its callback.
 
-        Fails with `Unanswered` if Redis may have run it (see the module's docstring).
+        Raises what `start` hands over instead of a reply. A caller that stops waiting
+        (cancelled) does not stop the call: Redis may run it anyway once it is written,
+        and its outcome is dropped.
         """
-        deadline = asyncio.get_running_loop().time() + self._timeout
-        return await self._call(_Call([len(keys), *keys, *args], deadline), self._retry)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.start(keys, args, partial(_settle, future))
+        return await future
 
     def start(self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply) -> None:
-        """Run the script without waiting: `on_reply` gets the reply, or the exception.
+        """Run the script (EVALSHA; EVAL once Redis says it lacks it) without waiting.
 
-        The outcome is what `await pipe(keys, args)` would return or raise, and it comes
-        later, never from inside this call. A reply is always handed over from inside the
-        read that brought it: the publishing session's answer then goes out no later
-        than a fan-out of the message from that worker's pub/sub read (service/hub.py).
-        With the connection up, the EVALSHA is written now. If that attempt fails on the
-        connection, the call is retried at once as `__call__` would, in a task, within
-        the same deadline and with the attempt counted (and remembered as unanswered);
-        if Redis lacks the script, EVAL follows. Without a usable connection, all of it
-        runs in a task. Errors come from that task.
+        `on_reply` gets the reply, or the exception the call fails with (`Unanswered` if
+        Redis may have run it: see the module's docstring); later, never from inside this
+        call. A reply is always handed over from the read that brought it (with the tap,
+        from inside the event loop's read; the public reader's from its task), so no task
+        step stands between Redis's answer and the publisher's. With the connection up, the EVALSHA
+        is written now, and its reply goes straight to `on_reply`. If that attempt fails
+        on the connection, the call is retried in a task within the same deadline, the
+        attempt counted (and remembered as unanswered); if Redis lacks the script, EVAL
+        follows. Without a usable connection, all of it runs in a task.
         """
         parts = [len(keys), *keys, *args]
         link = self._link
-        if not self._closed and link is not None and link.broken is None:
-            deadline = link.loop.time() + self._timeout
+        if link is not None and link.broken is None:
+            # hiredis's stub types the argument as a tuple of one item; it takes any number.
             packed = hiredis.pack_command((b"EVALSHA", self._sha, *parts))  # type: ignore[arg-type]
             try:
                 # The call's state is made only if this attempt fails: not on the hot path.
-                link.send_then(packed, partial(self._first_reply, parts, deadline, on_reply))
+                link.send(packed, on_reply, partial(self._first_failed, parts, on_reply))
                 return
             except RedisError:
                 pass  # the link closed itself and nothing was written: the path below
         deadline = asyncio.get_running_loop().time() + self._timeout
-        self._finish(_Call(parts, deadline, on_reply), self._retry, on_reply)
+        self._go_on(_Call(parts, deadline, on_reply), self._retry)
 
-    def _first_reply(
-        self, parts: list[EncodableT], deadline: float, on_reply: OnReply, reply: Any
+    def _first_failed(
+        self, parts: list[EncodableT], on_reply: OnReply, failure: Exception, written_at: float
     ) -> None:
-        if not isinstance(reply, Exception):
-            on_reply(reply)
-            return
-        # That attempt failed: the call goes on as `_call` would, knowing what it told.
-        error: Exception = reply
-        unanswered = isinstance(reply, _NoReply)
-        if isinstance(reply, _NoReply):
-            error = reply.error
-        call = _Call(parts, deadline, on_reply, unanswered)
+        # The call goes on as one made without a connection would, knowing what it told.
+        error = failure.error if isinstance(failure, _NoReply) else failure
+        call = _Call(parts, written_at + self._timeout, on_reply, isinstance(failure, _NoReply))
         if isinstance(error, NoScriptError):
-            self._finish(call, None, on_reply)
-        elif isinstance(error, RedisConnectionError) and self._retry_after_start is not None:
-            self._finish(call, self._retry_after_start, on_reply)
+            self._go_on(call, None)
+        elif isinstance(error, RedisConnectionError) and self._retry_after_first is not None:
+            self._go_on(call, self._retry_after_first)
         else:
             on_reply(call.failed(error))
 
-    def _finish(self, call: _Call, retry: Retry | None, on_reply: OnReply) -> None:
-        """The rest of a `start` call, in a task: replies still go out from their read."""
-        task = asyncio.ensure_future(self._call_then(call, retry, on_reply))
+    def _go_on(self, call: _Call, retry: Retry | None) -> None:
+        """The rest of a call, in a task: its reply still goes out from inside its read."""
+        task = asyncio.ensure_future(self._run(call, retry))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call_then(self, call: _Call, retry: Retry | None, on_reply: OnReply) -> None:
-        try:
-            await self._call(call, retry)
-        except asyncio.CancelledError:
-            # Only a worker that is stopping cancels tasks it did not make.
-            on_reply(call.failed(PipeClosed("the call was cancelled: the worker is stopping")))
-            raise
-        except Exception as exc:
-            on_reply(exc)  # already what the call fails with (`_call`)
+    async def _run(self, call: _Call, retry: Retry | None) -> None:
+        """The rest of a call: its reply goes to `call.on_reply` from inside its read.
 
-    async def _call(self, call: _Call, retry: Retry | None) -> Any:
-        """EVALSHA with `retry` (None: straight to EVAL), then EVAL if Redis lacks the script.
-
-        With `call.on_reply`, the reply goes to it from inside its read, and this returns
-        None. Fails with what the call fails with (`_Call.failed`).
+        What the call fails with (`_Call.failed`) goes to it from here.
         """
         try:
-            if retry is not None:
-                try:
-                    return await retry.call_with_retry(
-                        partial(self._attempt, b"EVALSHA", self._sha, call), _ignore
-                    )
-                except NoScriptError:
-                    pass
-            # New to this Redis (or its script cache was flushed): EVAL caches it again.
-            return await self._retry.call_with_retry(
-                partial(self._attempt, b"EVAL", self._script, call), _ignore
-            )
+            await self._attempts(call, retry)
+            return
+        except asyncio.CancelledError:
+            # Only `close`, or a worker that is stopping, cancels these tasks.
+            closed = PipeClosed("the call was cancelled: the pipe is closing")
+            _call_back(call.on_reply, call.failed(closed))
+            raise
         except RedisError as error:
             failure = call.failed(error)
-        raise failure
+        except Exception as exc:  # a bug: it claims nothing about the call
+            failure = exc
+        _call_back(call.on_reply, failure)
+
+    async def _attempts(self, call: _Call, retry: Retry | None) -> None:
+        """EVALSHA with `retry` (None: straight to EVAL), then EVAL if Redis lacks the script."""
+        if retry is not None:
+            try:
+                await retry.call_with_retry(
+                    partial(self._attempt, b"EVALSHA", self._sha, call), _ignore
+                )
+                return
+            except NoScriptError:
+                pass
+        # New to this Redis (or its script cache was flushed): EVAL caches it again.
+        await self._retry.call_with_retry(
+            partial(self._attempt, b"EVAL", self._script, call), _ignore
+        )
 
     async def close(self) -> None:
         """Stop: calls in flight and later calls fail (`PipeClosed`), nothing reconnects."""
-        # A connection attempt under way finds the pipe closed when it ends.
         self._closed = True
         link, self._link = self._link, None
         if link is not None:
             link.close(PipeClosed("the publish connection was closed"))
+        # Calls waiting in a task (for a connection, a backoff, a reply) fail now.
+        tasks = [*self._tasks, *([self._connecting] if self._connecting is not None else [])]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        if link is not None:
+            await link.replies.aclose()
             await link.conn.disconnect(nowait=True)
 
-    async def _attempt(self, command: bytes, script: bytes, call: _Call) -> Any:
+    async def _attempt(self, command: bytes, script: bytes, call: _Call) -> None:
         if self._closed:
             raise PipeClosed("the publish connection was closed")
         if asyncio.get_running_loop().time() >= call.deadline:
@@ -392,19 +391,14 @@ class ScriptPipe:
             except TimeoutError:
                 message = f"no connection to Redis within {self._timeout:g} s"
                 raise RedisTimeoutError(message) from None
-        # hiredis's stub types the argument as a tuple of one item; it takes any number.
         packed = hiredis.pack_command((command, script, *call.parts))  # type: ignore[arg-type]
-        on_reply = call.on_reply
-        if on_reply is None:
-            waiting = link.send(packed)
-        else:
-            # A reply goes to `on_reply` from inside its read; an error fails this attempt,
-            # for the retry policy to judge.
-            waiting = link.loop.create_future()
-            link.send_then(packed, partial(_hand_over, waiting, on_reply))
+        # A reply goes to `on_reply` from inside its read; a failure fails this attempt,
+        # for the retry policy to judge.
+        attempt: asyncio.Future[None] = link.loop.create_future()
+        link.send(packed, partial(_hand_over, attempt, call.on_reply), partial(_fail, attempt))
         # Written: from here on, Redis may run it whether or not a reply comes back.
         try:
-            return await waiting
+            await attempt
         except _NoReply as lost:
             call.unanswered = True
             raise lost.error from None
@@ -428,7 +422,8 @@ class ScriptPipe:
     async def _make_link(self) -> _Link:
         stale, self._link = self._link, None
         if stale is not None:
-            # Already reset (`_Link.close`); this lets redis-py's side of it go too.
+            # Already ended (`_Link.close`); this lets redis-py's side of it go too.
+            await stale.replies.aclose()
             await stale.conn.disconnect(nowait=True)
         conn = self._connection()
         try:
@@ -436,7 +431,7 @@ class ScriptPipe:
             await conn.connect()  # type: ignore[no-untyped-call]
             if self._closed:
                 raise PipeClosed("the publish connection was closed")
-            link = _Link(conn, self._timeout)
+            link = _Link(conn, self._timeout, fast=self._fast)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
@@ -444,15 +439,29 @@ class ScriptPipe:
         return link
 
 
-def _hand_over(attempt: asyncio.Future[Any], on_reply: OnReply, reply: Any) -> None:
-    """A reply to `on_reply` at once, an error to the attempt that waits for it."""
-    if attempt.done():
-        return  # its task was cancelled (the worker stops): the reply is nobody's now
+def _settle(future: asyncio.Future[Any], reply: Any) -> None:
+    """`__call__`'s callback: the reply, or the exception, into its future."""
+    # A caller that was cancelled left its future behind: its outcome is dropped.
+    if future.done():
+        return
     if isinstance(reply, Exception):
-        attempt.set_exception(reply)
+        future.set_exception(reply)
     else:
-        attempt.set_result(None)
-        on_reply(reply)
+        future.set_result(reply)
+
+
+def _hand_over(attempt: asyncio.Future[None], on_reply: OnReply, reply: Any) -> None:
+    """A retried call's reply: to `on_reply` at once, and its attempt is done."""
+    if attempt.done():
+        return  # its task was cancelled (the pipe closes): the reply is nobody's now
+    attempt.set_result(None)
+    on_reply(reply)
+
+
+def _fail(attempt: asyncio.Future[None], error: Exception, written_at: float) -> None:
+    """A retried call's failed attempt: to the task, for the retry policy to judge."""
+    if not attempt.done():
+        attempt.set_exception(error)
 
 
 async def _ignore(error: Exception) -> None:

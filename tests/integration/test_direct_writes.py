@@ -1,5 +1,6 @@
-"""Direct writes (service/wire.py): the fan-out writes to the socket itself when it can,
-queues when it cannot, and every client sees every frame once, in order, either way.
+"""Direct writes (service/adapters/uvicorn.py `DirectTransport`): the fan-out writes to
+the socket itself when it can, queues when it cannot, and every client sees every frame
+once, in order, either way.
 
 A benchmark only ever sees the direct branch; these tests drive the others on purpose.
 """

@@ -23,7 +23,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from service.wire import MAX_HEADERS, MAX_LINE_BYTES, REFUSAL_LINGER
+from service.adapters.uvicorn import MAX_HEADERS, MAX_LINE_BYTES, REFUSAL_LINGER
 from tests.conftest import WorkerFactory
 from tests.helpers import UNIT, Client, Worker, wait_for
 

@@ -11,7 +11,8 @@ real worker processes and real WebSocket clients:
 * Without faults: a key used again on a channel publishes nothing and gets the first
   id, on HTTP and WebSocket alike, on Redis and memory://; other channels are
   independent; keys expire; bad keys are refused with a clear error.
-* The publish connection itself (`ScriptPipe`): which failures are `Unanswered`.
+* The publish connection itself (`ScriptPipe`): which failures are `Unanswered`, with
+  both readers of its connection (the tap and the public fallback, `fast`).
 """
 
 from __future__ import annotations
@@ -430,8 +431,17 @@ async def test_the_browser_client_sends_the_idempotency_key_it_is_given(worker: 
 _COUNT = "return redis.call('INCR', KEYS[1])"
 
 
+@pytest.fixture(params=[True, False], ids=["tap", "public"])
+def fast(request: pytest.FixtureRequest) -> bool:
+    """Both readers of the pipe's connection (service/broker/replies.py)."""
+    value: bool = request.param
+    return value
+
+
 @asynccontextmanager
-async def counting_pipe(port: int, timeout: float = 0.5 * UNIT) -> AsyncIterator[ScriptPipe]:
+async def counting_pipe(
+    port: int, *, fast: bool, timeout: float = 0.5 * UNIT
+) -> AsyncIterator[ScriptPipe]:
     """A pipe running `_COUNT` against the Redis (or proxy) on `port`, closed on exit."""
     pipe = ScriptPipe(
         _COUNT,
@@ -444,6 +454,7 @@ async def counting_pipe(port: int, timeout: float = 0.5 * UNIT) -> AsyncIterator
         ),
         timeout=timeout,
         retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
+        fast=fast,
     )
     try:
         yield pipe
@@ -460,10 +471,10 @@ async def both_paths(pipe: ScriptPipe, key: str) -> list[Any]:
 
 
 async def test_calls_written_to_a_frozen_redis_are_unanswered_and_keep_their_kind(
-    own_redis: RedisServer,
+    own_redis: RedisServer, fast: bool
 ) -> None:
     key = unique("frozen")
-    async with counting_pipe(own_redis.port) as pipe:
+    async with counting_pipe(own_redis.port, fast=fast) as pipe:
         await pipe(keys=[key], args=[])  # connected
         with frozen(own_redis):
             outcomes = await both_paths(pipe, key)
@@ -473,21 +484,23 @@ async def test_calls_written_to_a_frozen_redis_are_unanswered_and_keep_their_kin
         assert "no reply from Redis within" in str(outcome)
 
 
-async def test_calls_that_never_reached_redis_are_not_unanswered(own_redis: RedisServer) -> None:
+async def test_calls_that_never_reached_redis_are_not_unanswered(
+    own_redis: RedisServer, fast: bool
+) -> None:
     # Killed before the pipe's first call: every attempt is refused a connection. (Killed
     # under a connection, a call written before the pipe heard of it may be unanswered.)
     own_redis.kill()
-    async with counting_pipe(own_redis.port) as pipe:
+    async with counting_pipe(own_redis.port, fast=fast) as pipe:
         outcomes = await both_paths(pipe, unique("refused"))
     for outcome in outcomes:
         assert isinstance(outcome, RedisConnectionError), outcome
         assert not isinstance(outcome, Unanswered)
 
 
-async def test_an_error_reply_is_not_unanswered(redis_server: RedisServer) -> None:
+async def test_an_error_reply_is_not_unanswered(redis_server: RedisServer, fast: bool) -> None:
     key = unique("wrongtype")
     redis_server.client().set(key, "not a counter")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         outcomes = await both_paths(pipe, key)
     for outcome in outcomes:
         assert isinstance(outcome, ResponseError), outcome
@@ -495,7 +508,7 @@ async def test_an_error_reply_is_not_unanswered(redis_server: RedisServer) -> No
 
 
 async def test_a_lost_reply_stays_unanswered_when_its_retries_cannot_connect(
-    own_redis: RedisServer,
+    own_redis: RedisServer, fast: bool
 ) -> None:
     # Redis ran the call, its reply was lost with the connection, and the retries find
     # Redis frozen: the last error is a failed connection, but the call may have run
@@ -504,7 +517,7 @@ async def test_a_lost_reply_stays_unanswered_when_its_retries_cannot_connect(
     proxy = await RedisProxy(own_redis.port).start()
     try:
         # Long enough that the connection is cut before any reply is overdue.
-        async with counting_pipe(proxy.port, timeout=2 * UNIT) as pipe:
+        async with counting_pipe(proxy.port, fast=fast, timeout=2 * UNIT) as pipe:
             await pipe(keys=[key], args=[])
             proxy.arm(b"EVALSHA")
             started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -1,4 +1,5 @@
-"""Regression tests for the traps of PITFALLS.md that this code touches.
+"""Regression tests for the traps of this stack (uvicorn, broadcaster, redis-py) that this
+code touches.
 
 Each test names its trap. Workers here are started per test, since several tests
 break a worker's Redis connections on purpose.

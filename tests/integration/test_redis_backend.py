@@ -1,4 +1,8 @@
-"""The Redis backend in-process against a real redis-server."""
+"""The Redis backend in-process against a real redis-server.
+
+Backends are built with both readers of the pub/sub connection (`fast`): the tap and
+the public reader it falls back to (service/broker/replies.py).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from broadcaster import Event
 
+from service.broker.history import Position
 from service.broker.redis_backend import RedisBackend
+from service.protocol.frames import message_head
 from tests.helpers import UNIT, RedisServer, async_wait_for, unique
 
 
-def new_backend(server: RedisServer, prefix: str, **watchdog: float) -> RedisBackend:
+@pytest.fixture(params=[True, False], ids=["tap", "public"])
+def fast(request: pytest.FixtureRequest) -> bool:
+    """Both readers of the backend's connections: the fast tap and the public fallback."""
+    value: bool = request.param
+    return value
+
+
+def new_backend(server: RedisServer, prefix: str, *, fast: bool, **watchdog: float) -> RedisBackend:
     """A backend on `server`, with the pub/sub watchdog's timings overridable."""
     timings = {"ping_interval": 1.0, "ping_timeout": 3.0, **watchdog}
     return RedisBackend(
@@ -25,13 +37,16 @@ def new_backend(server: RedisServer, prefix: str, **watchdog: float) -> RedisBac
         retry_max_delay=1,
         canary_interval=60,
         canary_timeout=3,
+        fast=fast,
         **timings,
     )
 
 
 @pytest.fixture
-async def backend(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisBackend]:
-    backend = new_backend(redis_server, prefix)
+async def backend(
+    redis_server: RedisServer, prefix: str, fast: bool
+) -> AsyncIterator[RedisBackend]:
+    backend = new_backend(redis_server, prefix, fast=fast)
     await backend.connect()
     yield backend
     await backend.disconnect()
@@ -88,53 +103,87 @@ async def test_an_old_ack_does_not_confirm_a_newer_subscribe(backend: RedisBacke
     assert backend._pending == {}
 
 
+class Recorded:
+    """A `ChannelSink` that keeps what it is handed (service/broker/sink.py)."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.interruptions = 0
+
+    def message(self, position: Position | None, frame: str) -> None:
+        self.frames.append(frame)
+
+    def interrupted(self) -> None:
+        self.interruptions += 1
+
+
 async def test_messages_read_in_bursts_and_in_pieces_arrive_whole_and_in_order(
     backend: RedisBackend, redis_server: RedisServer, prefix: str
 ) -> None:
     # The reader parses whatever one read returns: many messages at once (a pipeline of
     # PUBLISHes), or part of one (a message larger than a read).
     channel = await _subscribed(backend, unique("burst"))
+    other = await _subscribed(backend, unique("other"))
+    received, elsewhere = Recorded(), Recorded()
+    backend.attach(channel, received)
+    backend.attach(other, elsewhere)
     big = "x" * 300_000
     sent = [f"m{n}" for n in range(2000)] + [big, "after"]
     _publish_pipelined(redis_server, prefix + channel, sent)
-    async with asyncio.timeout(10 * UNIT):
-        received = [(await backend.next_published()) for _ in sent]
-    assert [event.channel for event in received] == [channel] * len(sent)
-    assert [event.message for event in received] == sent
+    await async_wait_for(lambda: len(received.frames) >= len(sent), 10, what="every message")
+    assert received.frames == sent
+    assert elsewhere.frames == []  # each message to its own channel's sink only
+    assert received.interruptions == elsewhere.interruptions == 0
 
 
-async def test_dispatched_messages_never_overtake_those_left_for_the_listener(
+async def test_each_message_reaches_its_sink_with_its_position(
     backend: RedisBackend, redis_server: RedisServer, prefix: str
 ) -> None:
-    # The broker's dispatch hands messages to the subscribers from inside the read. One
-    # it refuses (nobody subscribed yet) waits for broadcaster's listener, and so does
-    # every message after it until the listener has taken it: the order holds.
-    channel = await _subscribed(backend, unique("dispatch"))
-    offered: list[str] = []
-    dispatched: list[str] = []
-
-    def dispatch(event: Event) -> bool:
-        offered.append(event.message)
-        if len(offered) == 1:
-            return False
-        dispatched.append(event.message)
-        return True
-
-    backend.dispatch = dispatch
-    sent = [f"m{n}" for n in range(10)]
+    # The reader hands each message over with its position in history (the id the
+    # publish script spliced in), or None for what history does not keep (join, leave):
+    # nobody downstream parses frames for it. A sink attached before SUBSCRIBE gets the
+    # first message; a stale detach (a subscription being closed while its successor
+    # opens) leaves the successor's sink in place.
+    channel = unique("position")
+    sink, stale = Positions(), Positions()
+    backend.attach(channel, stale)
+    backend.attach(channel, sink)
+    backend.detach(channel, stale)  # not the one attached: nothing happens
+    await _subscribed(backend, channel)
+    head = message_head(channel)
+    sent = [f'{head}e1:{n}","data":{n}}}' for n in range(1, 4)]
+    sent.insert(1, f'{{"type":"join","channel":"{channel}","info":{{}}}}')
     _publish_pipelined(redis_server, prefix + channel, sent)
-    async with asyncio.timeout(10 * UNIT):
-        received = [(await backend.next_published()).message for _ in sent]
-    assert received == sent
-    assert offered == ["m0"]
-    assert dispatched == []
-    # With nothing left waiting, the next message is dispatched at once.
-    redis_server.client().publish(prefix + channel, "later")
+    await async_wait_for(lambda: len(sink.got) == len(sent), 10, what="every message")
+    assert sink.got == [
+        (Position("e1", 1), sent[0]),
+        (None, sent[1]),
+        (Position("e1", 2), sent[2]),
+        (Position("e1", 3), sent[3]),
+    ]
+    assert stale.got == []
+    backend.detach(channel, sink)
+    redis_server.client().publish(prefix + channel, sent[0])
+    redis_server.client().publish(prefix + channel, "after")  # read after the one above
+    other = await _subscribed(backend, unique("position"))
+    late = Positions()
+    backend.attach(other, late)
+    redis_server.client().publish(prefix + other, "marker")
+    await async_wait_for(lambda: late.got == [(None, "marker")], what="the marker")
+    assert len(sink.got) == len(sent)  # detached: nothing more
 
-    async def dispatched_later() -> bool:
-        return dispatched == ["later"]
 
-    await async_wait_for(dispatched_later, what="the dispatch")
+class Positions:
+    """A `ChannelSink` that keeps each message with its position."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[Position | None, str]] = []
+
+    def message(self, position: Position | None, frame: str) -> None:
+        self.got.append((position, frame))
+
+    def interrupted(self) -> None:
+        raise AssertionError("no interruption here")
 
 
 async def _subscribed(backend: RedisBackend, channel: str) -> str:
@@ -153,13 +202,13 @@ def _publish_pipelined(redis_server: RedisServer, key: str, texts: list[str]) ->
 
 
 async def test_a_ping_answered_while_it_is_being_sent_is_not_taken_for_silence(
-    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch, fast: bool
 ) -> None:
     # With four idle workers on two cores, the PING's answer sometimes came in while the
     # watchdog was still sending it; the watchdog then slept until the end of the whole
     # timeout counted from that answer, woke to "no reply for 4.0 s" and rebuilt a
     # healthy connection (five times in 30 s). Here every send lets the answer in.
-    backend = new_backend(redis_server, prefix, ping_interval=0.2, ping_timeout=0.5)
+    backend = new_backend(redis_server, prefix, fast=fast, ping_interval=0.2, ping_timeout=0.5)
     make = backend._new_connection
 
     def answered_while_sending(*args: Any, **kwargs: Any) -> Any:
@@ -187,3 +236,22 @@ async def test_a_ping_answered_while_it_is_being_sent_is_not_taken_for_silence(
         assert backend.reconnects == reconnects, backend.last_error
     finally:
         await backend.disconnect()
+
+
+async def test_the_backend_reads_with_the_reader_it_was_asked_for_and_leaves_none(
+    redis_server: RedisServer, prefix: str, fast: bool
+) -> None:
+    # fast=False: the public reader, a task of its own (service/broker/replies.py); the
+    # tap runs inside the reads. Either way nothing of it outlives the backend.
+    backend = new_backend(redis_server, prefix, fast=fast)
+    await backend.connect()
+    try:
+        await backend.subscribe(unique("which"))
+        await async_wait_for(lambda: alive(backend), what="connected and confirmed")
+        pipe = backend.script_pipe("return 1")
+        assert await pipe(keys=[], args=[]) == 1
+        readers = [t for t in asyncio.all_tasks() if t.get_name() == "redis-replies"]
+        assert len(readers) == (0 if fast else 2)  # the pub/sub and the publish connections
+    finally:
+        await backend.disconnect()
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("redis-")] == []

@@ -1,4 +1,8 @@
-"""The publish connection (service/broker/redis_pipe.py) against a real redis-server."""
+"""The publish connection (service/broker/redis_pipe.py) against a real redis-server.
+
+Every test runs with both readers of the connection (service/broker/replies.py): the
+fast tap, and the public reader the pipe falls back to.
+"""
 
 from __future__ import annotations
 
@@ -30,9 +34,16 @@ from tests.helpers import UNIT, RedisProxy, RedisServer, async_wait_for, unique
 _COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1]}"
 
 
+@pytest.fixture(params=[True, False], ids=["tap", "public"])
+def fast(request: pytest.FixtureRequest) -> bool:
+    """Both readers of the pipe's connection: the fast tap and the public fallback."""
+    value: bool = request.param
+    return value
+
+
 @asynccontextmanager
 async def counting_pipe(
-    port: int, timeout: float = 5.0, retries: int = 2
+    port: int, *, fast: bool, timeout: float = 5.0, retries: int = 2
 ) -> AsyncIterator[ScriptPipe]:
     """A pipe running `_COUNT` against the Redis (or proxy) on `port`, closed on exit."""
     pipe = ScriptPipe(
@@ -46,6 +57,7 @@ async def counting_pipe(
         ),
         timeout=timeout,
         retry=Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
+        fast=fast,
     )
     try:
         yield pipe
@@ -63,10 +75,10 @@ async def counted(redis_server: RedisServer, key: str, count: int, what: str) ->
 
 
 async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     key = unique("count")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         replies = await asyncio.gather(*(pipe(keys=[key], args=[n]) for n in range(500)))
         assert [arg for _, arg in replies] == [str(n).encode() for n in range(500)]
         assert sorted(count for count, _ in replies) == list(range(1, 501))
@@ -74,10 +86,10 @@ async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply
 
 
 async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     key = unique("flushed")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         sha = hashlib.sha1(_COUNT.encode()).hexdigest()
         assert await pipe(keys=[key], args=["a"]) == [1, b"a"]
         assert redis_server.client().script_exists(sha) == [True]
@@ -87,11 +99,13 @@ async def test_a_script_redis_does_not_have_is_sent_whole_and_cached_again(
         assert redis_server.client().script_exists(sha) == [True]
 
 
-async def test_an_error_reply_fails_only_its_own_call(redis_server: RedisServer) -> None:
+async def test_an_error_reply_fails_only_its_own_call(
+    redis_server: RedisServer, fast: bool
+) -> None:
     key = unique("wrongtype")
     redis_server.client().set(key, "not a counter")
     good = unique("good")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         results = await asyncio.gather(
             pipe(keys=[good], args=["before"]),
             pipe(keys=[key], args=["bad"]),
@@ -104,10 +118,12 @@ async def test_an_error_reply_fails_only_its_own_call(redis_server: RedisServer)
         assert results[2] == [2, b"after"]
 
 
-async def test_a_cancelled_call_leaves_its_reply_to_nobody(redis_server: RedisServer) -> None:
+async def test_a_cancelled_call_leaves_its_reply_to_nobody(
+    redis_server: RedisServer, fast: bool
+) -> None:
     # Its reply still arrives, in its turn: it must not be handed to the next caller.
     key = unique("cancelled")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         await pipe(keys=[key], args=["connect"])
         cancelled = asyncio.create_task(pipe(keys=[key], args=["cancelled"]))
         await asyncio.sleep(0)  # written, not yet answered
@@ -118,11 +134,11 @@ async def test_a_cancelled_call_leaves_its_reply_to_nobody(redis_server: RedisSe
 
 
 async def test_a_frozen_redis_times_out_and_the_next_call_reconnects(
-    own_redis: RedisServer,
+    own_redis: RedisServer, fast: bool
 ) -> None:
     key = unique("frozen")
     assert own_redis.process is not None
-    async with counting_pipe(own_redis.port, timeout=0.5 * UNIT) as pipe:
+    async with counting_pipe(own_redis.port, timeout=0.5 * UNIT, fast=fast) as pipe:
         await pipe(keys=[key], args=["warm"])
         [before] = own_redis.clients_named("pipe-test")
         os.kill(own_redis.process.pid, signal.SIGSTOP)
@@ -138,13 +154,13 @@ async def test_a_frozen_redis_times_out_and_the_next_call_reconnects(
 
 
 async def test_callers_waiting_for_a_frozen_redis_give_up_together(
-    own_redis: RedisServer,
+    own_redis: RedisServer, fast: bool
 ) -> None:
     # They share one connection attempt: twelve callers fail after one timeout, not
     # one after another (twelve timeouts).
     timeout = 0.5 * UNIT
     assert own_redis.process is not None
-    async with counting_pipe(own_redis.port, timeout=timeout) as pipe:
+    async with counting_pipe(own_redis.port, timeout=timeout, fast=fast) as pipe:
         os.kill(own_redis.process.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -159,11 +175,11 @@ async def test_callers_waiting_for_a_frozen_redis_give_up_together(
 
 
 async def test_a_closed_pipe_fails_its_calls_and_never_reconnects(
-    own_redis: RedisServer,
+    own_redis: RedisServer, fast: bool
 ) -> None:
     key = unique("closed")
     assert own_redis.process is not None
-    async with counting_pipe(own_redis.port) as pipe:
+    async with counting_pipe(own_redis.port, fast=fast) as pipe:
         await pipe(keys=[key], args=["connect"])
         os.kill(own_redis.process.pid, signal.SIGSTOP)
         try:
@@ -184,12 +200,12 @@ async def test_a_closed_pipe_fails_its_calls_and_never_reconnects(
 
 
 async def test_calls_in_flight_when_the_connection_breaks_are_retried(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     key = unique("dropped")
     proxy = await RedisProxy(redis_server.port).start()
     try:
-        async with counting_pipe(proxy.port) as pipe:
+        async with counting_pipe(proxy.port, fast=fast) as pipe:
             await pipe(keys=[key], args=["connect"])
             proxy.arm(b"lost-reply")
             calls = [
@@ -210,10 +226,14 @@ async def test_calls_in_flight_when_the_connection_breaks_are_retried(
 
 
 async def test_the_worker_publishes_through_its_own_named_connection(
-    redis_server: RedisServer, prefix: str
+    redis_server: RedisServer, prefix: str, fast: bool
 ) -> None:
     settings = Settings.model_validate(
-        {"broadcast_url": f"redis://127.0.0.1:{redis_server.port}", "redis_prefix": prefix}
+        {
+            "broadcast_url": f"redis://127.0.0.1:{redis_server.port}",
+            "redis_prefix": prefix,
+            "fast_adapters": fast,
+        }
     )
     async with Broker(settings, "w9") as broker:
         first = await broker.publish("news", b"0")  # connects, and loads the script
@@ -233,16 +253,23 @@ async def test_the_worker_publishes_through_its_own_named_connection(
     await async_wait_for(closed, what="the publish connection closed on exit")
 
 
+def the_read(fast: bool) -> str | None:
+    """Where a reply is handed over from its read: no task with the tap (inside the
+    event loop's read), the public reader's task otherwise (service/broker/replies.py)."""
+    return None if fast else "redis-replies"
+
+
 class Replies:
-    """What `ScriptPipe.start` handed to its callback, and from where."""
+    """What `ScriptPipe.start` handed to its callback, and from where (a task's name)."""
 
     def __init__(self) -> None:
         self.replies: list[Any] = []
-        self.from_a_task: list[bool] = []
+        self.handed_from: list[str | None] = []
 
     def __call__(self, reply: Any) -> None:
         self.replies.append(reply)
-        self.from_a_task.append(asyncio.current_task() is not None)
+        task = asyncio.current_task()
+        self.handed_from.append(None if task is None else task.get_name())
 
     async def wait(self, count: int) -> list[Any]:
         async def arrived() -> bool:
@@ -253,10 +280,10 @@ class Replies:
 
 
 async def test_start_hands_each_reply_to_its_callback_from_inside_the_read(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     key = unique("started")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         await pipe(keys=[key], args=["connect"])
         replies = Replies()
         for n in range(100):
@@ -264,28 +291,31 @@ async def test_start_hands_each_reply_to_its_callback_from_inside_the_read(
         assert replies.replies == []  # never from inside `start`
         got = await replies.wait(100)
         assert got == [[n + 2, str(n).encode()] for n in range(100)]
-        assert not any(replies.from_a_task)  # no task step between the read and the reply
+        # No task step between the read and the reply.
+        assert replies.handed_from == [the_read(fast)] * 100
         assert len(redis_server.clients_named("pipe-test")) == 1
 
 
 async def test_start_without_a_connection_makes_one_and_replies_from_its_read(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     key = unique("unconnected")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         replies = Replies()
         pipe.start([key], ["first"], replies)
         pipe.start([key], ["second"], replies)
         assert replies.replies == []
         assert await replies.wait(2) == [[1, b"first"], [2, b"second"]]
         # Connected in a task, yet each reply was handed over from inside its read.
-        assert replies.from_a_task == [False, False]
+        assert replies.handed_from == [the_read(fast)] * 2
         assert len(redis_server.clients_named("pipe-test")) == 1
 
 
-async def test_start_sends_the_script_whole_when_redis_lost_it(redis_server: RedisServer) -> None:
+async def test_start_sends_the_script_whole_when_redis_lost_it(
+    redis_server: RedisServer, fast: bool
+) -> None:
     key = unique("started-flushed")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         await pipe(keys=[key], args=["a"])
         redis_server.client().script_flush()
         replies = Replies()
@@ -293,15 +323,15 @@ async def test_start_sends_the_script_whole_when_redis_lost_it(redis_server: Red
         assert await replies.wait(1) == [[2, b"b"]]
         sha = hashlib.sha1(_COUNT.encode()).hexdigest()
         assert redis_server.client().script_exists(sha) == [True]
-        assert replies.from_a_task == [False]  # the EVAL's reply too
+        assert replies.handed_from == [the_read(fast)]  # the EVAL's reply too
 
 
 async def test_start_hands_an_error_reply_over_without_running_the_call_again(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     key = unique("started-wrongtype")
     redis_server.client().set(key, "not a counter")
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         await pipe(keys=[unique("warm")], args=["connect"])
         replies = Replies()
         pipe.start([key], ["bad"], replies)
@@ -311,12 +341,12 @@ async def test_start_hands_an_error_reply_over_without_running_the_call_again(
 
 
 async def test_start_retries_calls_in_flight_when_the_connection_breaks(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     key = unique("started-dropped")
     proxy = await RedisProxy(redis_server.port).start()
     try:
-        async with counting_pipe(proxy.port) as pipe:
+        async with counting_pipe(proxy.port, fast=fast) as pipe:
             await pipe(keys=[key], args=["connect"])
             proxy.arm(b"lost-reply")
             replies = Replies()
@@ -328,20 +358,21 @@ async def test_start_retries_calls_in_flight_when_the_connection_breaks(
             got = await replies.wait(2)
             assert [arg for _, arg in got] == [b"lost-reply", b"behind it"]
             assert sorted(count for count, _ in got) == [4, 5]  # run again, each once
-            assert replies.from_a_task == [False, False]  # retried, still from the read
+            # Retried, still from the read.
+            assert replies.handed_from == [the_read(fast)] * 2
     finally:
         await proxy.close()
 
 
 async def test_start_counts_its_own_write_as_the_first_attempt(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fast: bool
 ) -> None:
     # With no retries allowed, a call whose connection breaks fails: the write `start`
     # made was its one attempt.
     key = unique("started-no-retry")
     proxy = await RedisProxy(redis_server.port).start()
     try:
-        async with counting_pipe(proxy.port, retries=0) as pipe:
+        async with counting_pipe(proxy.port, retries=0, fast=fast) as pipe:
             await pipe(keys=[key], args=["connect"])
             proxy.arm(b"lost-reply")
             replies = Replies()
@@ -357,14 +388,14 @@ async def test_start_counts_its_own_write_as_the_first_attempt(
 
 
 async def test_a_callback_that_raises_is_logged_and_the_connection_carries_on(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, fast: bool
 ) -> None:
     key = unique("started-raises")
 
     def broken(reply: Any) -> None:
         raise RuntimeError("a bug in the caller")
 
-    async with counting_pipe(redis_server.port) as pipe:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         await pipe(keys=[key], args=["connect"])
         [before] = redis_server.clients_named("pipe-test")
         with caplog.at_level(logging.ERROR, logger="service.broker.redis_pipe"):
@@ -374,8 +405,10 @@ async def test_a_callback_that_raises_is_logged_and_the_connection_carries_on(
         assert [c["id"] for c in redis_server.clients_named("pipe-test")] == [before["id"]]
 
 
-async def test_start_on_a_closed_pipe_reports_it_closed(redis_server: RedisServer) -> None:
-    async with counting_pipe(redis_server.port) as pipe:
+async def test_start_on_a_closed_pipe_reports_it_closed(
+    redis_server: RedisServer, fast: bool
+) -> None:
+    async with counting_pipe(redis_server.port, fast=fast) as pipe:
         await pipe(keys=[unique("k")], args=["connect"])
     replies = Replies()
     pipe.start([unique("k")], ["after close"], replies)

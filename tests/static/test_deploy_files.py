@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from service.adapters.uvicorn import MAX_HEAD_BYTES, MAX_LINE_BYTES
 from service.settings import Settings
-from service.wire import MAX_HEAD_BYTES, MAX_LINE_BYTES
 from tests.helpers import free_port
 from tests.nginx import nginx_binary
 

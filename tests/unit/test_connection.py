@@ -15,10 +15,60 @@ import pytest
 
 from service.connection import Connection
 from service.metrics import Metrics
+from service.outbox import OutboxLimits
 from service.protocol.codes import CloseCode
+from service.transport import Send, Transport
 from tests.helpers import async_wait_for
 
 Outbox = Callable[..., Connection]
+
+
+class Handler:
+    """Records each text message; holds those in `hold` until `finish`; or raises."""
+
+    def __init__(self, *, hold: tuple[str, ...] = (), raises: bool = False) -> None:
+        self.hold = hold
+        self.raises = raises
+        self.handled: list[str] = []
+        self.held: asyncio.Future[None] | None = None
+
+    def handle_text(self, text: str) -> asyncio.Future[None] | None:
+        if self.raises:
+            raise RuntimeError("a bug in a command")
+        self.handled.append(text)
+        if text in self.hold:
+            self.held = asyncio.get_running_loop().create_future()
+            return self.held
+        return None
+
+    def handle_bytes(self, data: bytes) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        assert self.held is not None
+        self.held.set_result(None)
+
+
+def connect(
+    websocket: Any,
+    send: Send,
+    handler: Handler | None = None,
+    *,
+    max_messages: int = 10,
+    max_chars: int = 1000,
+) -> Connection:
+    """A connection whose frames go through ASGI `send` (no direct writes)."""
+    return Connection(
+        websocket,
+        Transport(send),
+        handler or Handler(),
+        limits=OutboxLimits(max_messages, max_chars),
+        close_timeout=1,
+        metrics=Metrics(),
+    )
 
 
 @pytest.fixture
@@ -32,14 +82,8 @@ async def outbox() -> AsyncIterator[Outbox]:
     def make(max_messages: int = 10, max_chars: int = 100) -> Connection:
         # Without uvicorn's own send there are no direct writes: frames queue, and the
         # writer started for them waits on `never_sends` for ever.
-        websocket: Any = SimpleNamespace(scope={}, _send=never_sends)
-        connection = Connection(
-            websocket,
-            max_messages=max_messages,
-            max_chars=max_chars,
-            close_timeout=1,
-            metrics=Metrics(),
-        )
+        websocket: Any = SimpleNamespace(scope={})
+        connection = connect(websocket, never_sends, max_messages=max_messages, max_chars=max_chars)
         made.append(connection)
         return connection
 
@@ -95,10 +139,8 @@ async def test_a_connection_closed_with_its_writer_waiting_is_freed_by_refcount(
         pass
 
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    websocket: Any = SimpleNamespace(scope={}, _send=never_sends, receive=received.get, close=close)
-    connection = Connection(
-        websocket, max_messages=2, max_chars=1000, close_timeout=1, metrics=Metrics()
-    )
+    websocket: Any = SimpleNamespace(scope={}, receive=received.get, close=close)
+    connection = connect(websocket, never_sends, max_messages=2)
     gc.collect()
     gc.disable()
     try:
@@ -143,10 +185,8 @@ async def test_a_second_stop_does_not_cancel_the_read_loop_again() -> None:
     async def close(code: int, reason: str) -> None:
         pass
 
-    websocket: Any = SimpleNamespace(scope={}, _send=gone, receive=received.get, close=close)
-    connection = Connection(
-        websocket, max_messages=1, max_chars=1000, close_timeout=1, metrics=Metrics()
-    )
+    websocket: Any = SimpleNamespace(scope={}, receive=received.get, close=close)
+    connection = connect(websocket, gone, max_messages=1)
     running = asyncio.create_task(connection.run())
     await asyncio.sleep(0)  # the read loop waits in receive()
     connection.deliver("x")  # queued (no direct writes): a writer starts
@@ -154,31 +194,6 @@ async def test_a_second_stop_does_not_cancel_the_read_loop_again() -> None:
     connection.overwhelmed()  # and a burst overflows the outbox
     await asyncio.wait_for(running, 5)  # returns, no CancelledError
     assert connection.closing
-
-
-class Taking(Connection):
-    """Takes every text frame from the read and holds it until `finish`; or raises."""
-
-    def __init__(self, websocket: Any, *, raises: bool = False) -> None:
-        super().__init__(
-            websocket, max_messages=10, max_chars=1000, close_timeout=1, metrics=Metrics()
-        )
-        self.raises = raises
-        self.taken: list[str] = []
-        self.handled: list[str] = []
-
-    def _handle_now(self, text: str) -> bool:
-        if self.raises:
-            raise RuntimeError("a bug in a command")
-        self.taken.append(text)
-        self._hold()
-        return True
-
-    def finish(self) -> None:
-        self._release_hold()
-
-    async def handle_text(self, text: str) -> None:
-        self.handled.append(text)
 
 
 async def reading(connection: Connection) -> asyncio.Task[None]:
@@ -193,8 +208,9 @@ async def reading(connection: Connection) -> asyncio.Task[None]:
 
 async def test_frames_are_taken_from_the_read_only_while_nothing_is_under_way() -> None:
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    websocket: Any = SimpleNamespace(scope={}, _send=None, receive=received.get)
-    connection = Taking(websocket)
+    websocket: Any = SimpleNamespace(scope={}, receive=received.get)
+    handler = Handler(hold=("first",))
+    connection = connect(websocket, never_called, handler)
     assert not connection.handle_text_now("before the read loop")  # not reading yet
     running = await reading(connection)
     assert connection.handle_text_now("first")
@@ -203,15 +219,15 @@ async def test_frames_are_taken_from_the_read_only_while_nothing_is_under_way() 
     received.put_nowait({"type": "websocket.receive", "text": "second"})
     for _ in range(10):
         await asyncio.sleep(0)
-    assert connection.handled == []
-    connection.finish()
+    assert handler.handled == ["first"]
+    handler.finish()
 
     async def handled() -> bool:
-        return connection.handled == ["second"]
+        return handler.handled == ["first", "second"]
 
     await async_wait_for(handled, what="the queued frame handled after the held one")
     assert connection.handle_text_now("third")
-    assert connection.taken == ["first", "third"]
+    assert handler.handled == ["first", "second", "third"]
     metrics = connection._metrics
     assert (metrics.received_in_read, metrics.received_queued) == (2, 1)
     running.cancel()
@@ -227,10 +243,39 @@ async def test_a_frame_taken_from_the_read_that_raises_closes_with_1011(
         closed.append((code, reason))
 
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    websocket: Any = SimpleNamespace(scope={}, _send=None, receive=received.get, close=close)
-    connection = Taking(websocket, raises=True)
+    websocket: Any = SimpleNamespace(scope={}, receive=received.get, close=close)
+    connection = connect(websocket, never_called, Handler(raises=True))
     running = await reading(connection)
     assert connection.handle_text_now("boom")  # taken, and it failed
     await asyncio.wait_for(running, 5)
     assert closed == [(CloseCode.INTERNAL_ERROR, "internal error")]
     assert "connection task failed" in caplog.text
+
+
+async def never_called(message: Any) -> None:
+    raise AssertionError("nothing is sent here")
+
+
+async def test_a_message_the_read_loop_holds_is_not_overtaken_from_the_read() -> None:
+    # A is taken from inside the read and waits (for Redis); B goes uvicorn's way and the
+    # read loop, holding it, waits for A. A's answer and the client's next message C come
+    # in the same turn of the loop: C must wait behind B, not be taken from the read.
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    websocket: Any = SimpleNamespace(scope={}, receive=received.get)
+    handler = Handler(hold=("A",))
+    connection = connect(websocket, never_called, handler)
+    running = await reading(connection)
+    assert connection.handle_text_now("A")
+    received.put_nowait({"type": "websocket.receive", "text": "B"})
+    for _ in range(10):
+        await asyncio.sleep(0)  # the read loop takes B, and waits for A
+    handler.finish()
+    assert not connection.handle_text_now("C")
+    received.put_nowait({"type": "websocket.receive", "text": "C"})
+
+    async def handled() -> bool:
+        return handler.handled == ["A", "B", "C"]
+
+    await async_wait_for(handled, what="A, B and C, in their order")
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)

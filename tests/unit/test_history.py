@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.broker import SUBSCRIPTION_INTERRUPTED, Broker, Position
+from service.broker import Broker, Position
 from service.broker.history import MemoryHistory, new_epoch, read_after
 from service.hub import Hub, Joined
 from service.settings import Settings
@@ -116,7 +116,7 @@ async def test_resume_reports_what_history_cannot_give(broker: Broker) -> None:
         # The member starts live from the channel's current position, with nothing old.
         assert joined == Joined(ids[-1], False)
         assert member.frames == []
-    assert (hub.resumes_recovered, hub.resumes_not_recovered) == (0, 3)
+    assert (hub.stats.resumes_recovered, hub.stats.resumes_not_recovered) == (0, 3)
     await hub.close()
 
 
@@ -161,12 +161,12 @@ async def test_an_interruption_is_filled_from_history_once(broker: Broker) -> No
     backend = broker._broadcast  # type: ignore[attr-defined]
     await _publish_unheard(broker, b"1")
     missed_twice = await _publish_unheard(broker, b"2")
-    await backend.publish("news", SUBSCRIPTION_INTERRUPTED)
+    _interrupt(hub, "news")
     await backend.publish("news", missed_twice)
     await broker.publish("news", b"3")
     await async_wait_for(lambda: _has(member, 4), what="the filled gap and a live message")
     assert member.data() == [0, 1, 2, 3]
-    assert (hub.gaps_filled, hub.gaps_reported) == (1, 0)
+    assert (hub.stats.gaps_filled, hub.stats.gaps_reported) == (1, 0)
     await hub.close()
 
 
@@ -176,13 +176,17 @@ async def test_an_interruption_history_does_not_cover_sends_a_gap(broker: Broker
     await hub.join("news", member)
     for n in range(7):  # history keeps 5: two of these are gone
         await _publish_unheard(broker, str(n).encode())
-    backend = broker._broadcast  # type: ignore[attr-defined]
-    await backend.publish("news", SUBSCRIPTION_INTERRUPTED)
+    _interrupt(hub, "news")
     await async_wait_for(lambda: _has(member, 6), what="the notice and what history has")
     assert orjson.loads(member.frames[0]) == {"type": "gap", "channel": "news"}
     assert member.data()[1:] == [2, 3, 4, 5, 6]
-    assert (hub.gaps_filled, hub.gaps_reported) == (0, 1)
+    assert (hub.stats.gaps_filled, hub.stats.gaps_reported) == (0, 1)
     await hub.close()
+
+
+def _interrupt(hub: Hub, channel: str) -> None:
+    """What the Redis backend tells a channel once its subscription is back after a break."""
+    hub._channels[channel].interrupted()
 
 
 async def _publish_unheard(broker: Broker, data: bytes) -> str:
@@ -239,7 +243,7 @@ async def test_a_resume_that_overflows_its_buffer_closes_the_member(broker: Brok
     async def slow_read(channel: str, position: Position | None, limit: int | None = None) -> Any:
         for n in range(1, 6):
             await broker.publish("news", str(n).encode())
-        await async_wait_for(lambda: _has(watcher, 6), what="the pump to hand them out")
+        await async_wait_for(lambda: _has(watcher, 6), what="the channel to hand them out")
         return await read_history(channel, position, limit)
 
     broker.history_after = slow_read  # type: ignore[method-assign]
@@ -268,7 +272,7 @@ async def test_redis_back_from_an_older_snapshot_does_not_swallow_new_messages(
     state.seq = 2  # restored from a snapshot taken after message 2
     while state.entries and state.entries[-1][0] > 2:
         state.entries.pop()
-    await broker._broadcast.publish("news", SUBSCRIPTION_INTERRUPTED)  # type: ignore[attr-defined]
+    _interrupt(hub, "news")
     await broker.publish("news", b'"new"')
     await async_wait_for(lambda: _has(member, 7), what="the gap and the new message")
     assert orjson.loads(member.frames[5]) == {"type": "gap", "channel": "news"}
@@ -276,10 +280,10 @@ async def test_redis_back_from_an_older_snapshot_does_not_swallow_new_messages(
     await hub.close()
 
 
-async def test_a_pump_lagging_in_an_older_epoch_does_not_promote_a_resumed_member(
+async def test_a_channel_lagging_in_an_older_epoch_does_not_promote_a_resumed_member(
     broker: Broker,
 ) -> None:
-    # The member resumed from the current history while the pump still hands out frames
+    # The member resumed from the current history while the channel still hands out frames
     # of the history Redis lost: those must not reach it, and must not let it in early.
     hub = Hub(broker, linger=0)
     watcher = Recorder()
@@ -308,7 +312,7 @@ async def test_resumes_between_the_chunks_of_a_big_fan_out_miss_nothing() -> Non
 
         async def read_then_dawdle(*args: Any, **kwargs: Any) -> Any:
             # As over a network: the reply comes back some turns of the loop after Redis
-            # read it, and the pump may be mid-fan-out of a newer message by then.
+            # read it, and the channel may be mid-fan-out of a newer message by then.
             read = await read_history(*args, **kwargs)
             for _ in range(turns.randrange(30)):
                 await asyncio.sleep(0)
@@ -321,7 +325,7 @@ async def test_resumes_between_the_chunks_of_a_big_fan_out_miss_nothing() -> Non
             await hub.join("big", member)
         stop = asyncio.Event()
 
-        # Spaced so that the pump keeps up (a message's fan-out takes 14 turns): the
+        # Spaced so that the channel keeps up (a message's fan-out takes 14 turns): the
         # message in flight is then usually newer than what a resume's history read saw.
         publisher = asyncio.create_task(_publish_until(stop, busy, "big", turns=20))
         watcher = crowd[0]

@@ -69,7 +69,7 @@ async def test_one_backend_subscription_per_channel(broker: Broker) -> None:
 
 
 async def test_concurrent_first_joins_all_receive(broker: Broker) -> None:
-    # broadcaster 0.3.1 loses a queue when two first subscribers race (PITFALLS.md);
+    # broadcaster 0.3.1 loses a queue when two first subscribers race;
     # the hub's per-channel lock makes one subscription that every member shares.
     hub = Hub(broker, linger=0)
     members = [Recorder() for _ in range(200)]
@@ -145,3 +145,36 @@ async def test_leave_then_join_after_drop_resubscribes(broker: Broker) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_members_that_leave_during_a_fan_out_in_chunks_are_not_served(
+    broker: Broker,
+) -> None:
+    # A channel too big for one chunk gets a message over several turns of the loop. A
+    # member that leaves before its chunk (an unsubscribe, a revoked token, or a resume
+    # that will have the message from history) must not get it after all.
+    hub = Hub(broker, linger=0, fanout_chunk=2)
+
+    class Leaver(Recorder):
+        """On its first frame, makes every member not served yet leave."""
+
+        def deliver(self, frame: str) -> None:
+            super().deliver(frame)
+            for member in members:
+                if not member.frames:
+                    hub.leave("big", member)
+
+    members = [Leaver() for _ in range(6)]
+    for member in members:
+        await hub.join("big", member)
+    await broker.publish("big", b"1")
+    await broker.publish("big", b"2")
+    await async_wait_for(lambda: _true(max(len(m.frames) for m in members) == 2), what="two")
+    marker = Recorder()
+    await hub.join("big", marker)
+    await broker.publish("big", b"3")
+    await async_wait_for(lambda: _all_have([marker], 1), what="the third message")
+    # The first served stays, and gets all three; the other of its chunk was served
+    # before it acted (one chunk is one synchronous step), then left; the rest, none.
+    assert sorted(len(m.frames) for m in members) == [0, 0, 0, 0, 1, 3]
+    await hub.close()

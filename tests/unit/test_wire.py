@@ -1,12 +1,13 @@
 """Frame bytes built once per message are the bytes websockets itself would write.
 `ReadingProtocol` keeps `takes_writes` down whenever uvicorn's `send` would do more than
 write a frame, and offers its reader, in order, only the whole text messages that
-websockets' own parser made of what the client sent; what it refuses is queued."""
+websockets' own parser made of what the client sent; what it refuses is queued.
+`transport_for` hands a connection the transport that fits (service/adapters/uvicorn.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from uvicorn.config import Config
@@ -18,7 +19,15 @@ from websockets.server import ServerProtocol
 from websockets.speedups import apply_mask
 from websockets.uri import parse_uri
 
-from service.wire import DirectWriter, ReadingProtocol, TextReader, WireFrames, text_frame
+from service.adapters.uvicorn import (
+    BoundedTransport,
+    DirectTransport,
+    ReadingProtocol,
+    transport_for,
+)
+from service.outbox import Outbox, OutboxLimits
+from service.protocol.wire import WireFrames, text_frame
+from service.transport import Send, TextReader, Transport
 
 
 def written_by_websockets(text: str) -> bytes:
@@ -137,11 +146,13 @@ class FakeTransport:
 
     def __init__(self) -> None:
         self.written = bytearray()
+        self.writes = 0
         self.closing = False
 
     def write(self, data: bytes) -> None:
         assert not self.closing, "written after close"
         self.written += data
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closing
@@ -212,11 +223,23 @@ async def open_protocol(
     return protocol, transport
 
 
+def direct(protocol: ReadingProtocol) -> DirectTransport:
+    """What a connection on `protocol` gets after `accept` (fast adapters on)."""
+    transport = transport_for(cast(Send, protocol.send), fast=True)
+    assert isinstance(transport, DirectTransport)
+    return transport
+
+
+def writable(protocol: ReadingProtocol) -> bool:
+    """Whether `DirectTransport.write_now` would write now."""
+    return protocol.takes_writes and not protocol.transport.is_closing()
+
+
 async def test_writes_are_taken_once_accepted_and_not_while_paused() -> None:
     protocol, transport = await open_protocol()
-    writer = DirectWriter(protocol)
+    writer = direct(protocol)
     assert protocol.takes_writes
-    assert writer.writable()
+    assert writable(protocol)
     protocol.pause_writing()
     assert not protocol.takes_writes
     assert not writer.write_now("held")
@@ -225,7 +248,7 @@ async def test_writes_are_taken_once_accepted_and_not_while_paused() -> None:
     assert writer.write_now("sent")
     assert bytes(transport.written[before:]) == text_frame("sent")
     transport.closing = True  # closed under uvicorn (a write error): asked at each write
-    assert not writer.writable()
+    assert not writable(protocol)
     assert not writer.write_now("late")
 
 
@@ -282,11 +305,103 @@ async def test_an_unflushed_pong_stops_writes_until_uvicorn_flushes_it() -> None
 
 async def test_only_the_reading_protocol_gets_a_direct_writer() -> None:
     protocol, _ = await open_protocol()
-    assert DirectWriter.attach(protocol.send) is not None
+    assert isinstance(transport_for(cast(Send, protocol.send), fast=True), DirectTransport)
     plain = WebSocketsSansIOProtocol(
         config=protocol.config, server_state=ServerState(), app_state={}
     )
-    assert DirectWriter.attach(plain.send) is None
+    assert type(transport_for(cast(Send, plain.send), fast=True)) is Transport
+
+
+async def test_without_fast_adapters_the_reading_protocol_only_bounds() -> None:
+    protocol, _ = await open_protocol()
+    bounded = transport_for(cast(Send, protocol.send), fast=False)
+    assert type(bounded) is BoundedTransport
+    assert not bounded.write_now("never direct")
+    bounded.set_reader(Offers())
+    assert protocol.reader is None  # messages go through receive()
+    bounded.drop_within(3600)
+    assert protocol._drop_timer is not None
+    protocol.connection_lost(None)
+    assert protocol._drop_timer is None
+
+
+async def test_compression_and_debug_logging_keep_frames_on_asgi() -> None:
+    protocol, _ = await open_protocol()
+    protocol.conn.debug = True  # websockets logs every frame
+    assert type(transport_for(cast(Send, protocol.send), fast=True)) is BoundedTransport
+
+
+async def test_the_handshake_is_let_go_once_accepted() -> None:
+    # uvicorn keeps the request and the response, headers and all, for the connection's
+    # whole life; they are read only until `accept`.
+    protocol, _ = await open_protocol()
+    assert protocol.request is not None
+    transport_for(cast(Send, protocol.send), fast=True)
+    assert protocol.request is None
+    assert protocol.response is None
+
+
+async def test_a_direct_transport_sets_the_reader() -> None:
+    reader = Offers()
+    protocol, _ = await open_protocol()
+    writer = direct(protocol)
+    writer.set_reader(reader)
+    protocol.data_received(client_frames("to the reader"))
+    assert reader.offered == ["to the reader"]
+    writer.set_reader(None)
+    protocol.data_received(client_frames("queued"))
+    assert queued_texts(protocol) == ["queued"]
+
+
+def outbox_of(*frames: str) -> Outbox:
+    outbox = Outbox(OutboxLimits(max_messages=100, max_chars=10_000))
+    for frame in frames:
+        assert outbox.put(frame)
+    return outbox
+
+
+async def test_an_outbox_goes_in_one_write_once_the_client_reads_again() -> None:
+    protocol, transport = await open_protocol()
+    writer = direct(protocol)
+    protocol.pause_writing()
+    outbox = outbox_of("a", "b")
+    sending = asyncio.ensure_future(writer.send_from(outbox))
+    await asyncio.sleep(0.01)
+    # Still queued, and counted, while the client does not read.
+    assert not sending.done()
+    assert len(outbox) == 2
+    assert outbox.put("c")  # a frame that comes while it waits goes in order
+    before = len(transport.written)
+    writes = transport.writes
+    protocol.resume_writing()
+    assert await sending == 3
+    assert not outbox
+    assert bytes(transport.written[before:]) == b"".join(map(text_frame, "abc"))
+    assert transport.writes == writes + 1
+
+
+async def test_an_outbox_of_a_closed_connection_raises_what_asgi_raises() -> None:
+    protocol, _ = await open_protocol()
+    writer = direct(protocol)
+    await protocol.send({"type": "websocket.close", "code": 1000, "reason": ""})
+    with pytest.raises(RuntimeError, match=r"websocket\.close"):
+        await writer.send_from(outbox_of("late"))
+
+
+async def test_the_public_transport_sends_each_frame_through_asgi() -> None:
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    public = Transport(send)
+    assert not public.write_now("never direct")
+    public.drop_within(1.0)  # nothing to drop with
+    public.set_reader(Offers())  # nothing to read with
+    outbox = outbox_of("a", "b")
+    assert await public.send_from(outbox) == 2
+    assert not outbox
+    assert sent == [{"type": "websocket.send", "text": t} for t in ("a", "b")]
 
 
 class Offers:

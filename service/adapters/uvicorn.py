@@ -1,45 +1,41 @@
-"""Shortcuts to and from uvicorn's socket: frames written straight out, messages read in.
+"""The uvicorn adapter: the one module (and its probe) using uvicorn's and websockets' privates.
 
-A server's WebSocket frames are not masked, so without compression the bytes of a text
-frame are the same for every connection. `WireFrames` builds them once per message (the
-fan-out hands every member the same `str`), and `DirectWriter` writes them to the
-connection's transport, skipping the ASGI `send` coroutine and the task switch of a
-queued write: about 40% of the server's CPU per delivery (docs/performance.md).
+uvicorn's public interface is ASGI, which has no way to bound a request head, put a
+deadline on a handshake, abort a socket, write a frame without a task step, or hand over a
+message without a queue. This module subclasses uvicorn's httptools and websockets-sansio
+protocols for those (tested ranges in pyproject.toml):
 
-Both reach into uvicorn's websockets-sansio protocol (uvicorn is pinned to 0.54.x in
-pyproject.toml), as the subclass `ReadingProtocol`, which uvicorn runs as its `ws`
-class (`service.__main__`):
+* `BoundedHttpProtocol`: the request head bounded in size (414, 431) and the request and
+  the WebSocket upgrade in time (408, 503: HANDSHAKE_TIMEOUT).
+* `ReadingProtocol`: answers, with the reason, an upgrade websockets refused; drops the
+  socket of a closing client that never reads; keeps `takes_writes` (whether uvicorn's
+  own `send` of a text frame would just write it) up to date; and offers whole text
+  messages, once websockets' own parser made them, to a `TextReader` from inside the read.
+* `transport_for` hands each connection a `service.transport.Transport`: `DirectTransport`
+  writes frames to the socket itself (docs/performance.md, "What changed, and what each
+  part bought", nos. 1, 6 and 8), `BoundedTransport` only drops sockets, and the plain
+  `Transport` is ASGI.
 
-* It keeps `takes_writes`: whether uvicorn's own `send` would now do nothing but write
-  one text frame, asked again in every method that can change the answer, so that a
-  delivery reads one attribute (and asks the transport whether it is closing).
-  `DirectWriter.attach` gives up, and the connection uses plain ASGI, for any other
-  implementation, for per-message compression and for debug logging.
-* A connection may take a text message from inside the read (`TextReader`) instead of
-  through uvicorn's queue and `receive()`: a task step and two changes of the socket's
-  epoll registration less per message. Every byte the client sends goes through
-  websockets' own parser first (fragments, control frames, UTF-8 and size checks, the
-  failures RFC 6455 asks for); only the whole messages it hands uvicorn are offered,
-  and what the connection does not take goes uvicorn's way, behind whatever is queued.
-
-tests/unit/test_wire.py, tests/integration/test_direct_writes.py and
-tests/integration/test_reads_now.py guard the attributes and the behaviour.
+`adapter_problem` checks once per process that the installed uvicorn and websockets are
+in range, have every name used here, and behave as relied on (service/adapters/
+uvicorn_probe.py drives connections through both protocols). If not, `uvicorn_options`
+runs uvicorn's own protocols and `transport_for` the plain `Transport`, and one warning
+says why. FAST_ADAPTERS=false keeps the bounds but takes every frame and message through
+ASGI.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import functools
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import httptools
+import uvicorn
 from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -47,38 +43,56 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets import http11
 from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.version import version as websockets_version
 
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+from service.protocol.wire import wire_frames
+from service.transport import Send, TextReader, Transport
+
+if TYPE_CHECKING:
+    from service.outbox import Outbox
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+#: The releases this module was written and tested against: [first, past the last).
+UVICORN_RANGE = ((0, 55), (0, 56))
+WEBSOCKETS_RANGE = ((17,), (18,))
 
-class TextReader(Protocol):
-    """What a `ReadingProtocol` hands text messages to."""
+#: The longest request line or header line, CRLF included, and the most header fields:
+#: websockets' own limits, so that every upgrade the worker lets through websockets takes.
+MAX_LINE_BYTES: int = http11.MAX_LINE_LENGTH
+MAX_HEADERS: int = http11.MAX_NUM_HEADERS
+#: The largest request head in all: what one connection may hold in memory for up to
+#: HANDSHAKE_TIMEOUT (MAX_HEADERS lines of MAX_LINE_BYTES would be 1 MiB).
+MAX_HEAD_BYTES = 65_536
+#: Seconds a refused client may go on sending after the answer: closing with its bytes
+#: still unread would reset the connection, and the answer could be lost on the way.
+REFUSAL_LINGER = 2.0
+# What follows the target in the request line that uvicorn hands websockets.
+_VERSION_AND_CRLF = len(b" HTTP/1.1\r\n")
+# SO_LINGER on, for 0 seconds: close() resets the connection at once.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
-    def handle_text_now(self, text: str) -> bool:
-        """Handle `text` now, from inside the read; False leaves it to `receive()`."""
-        ...
+
+# --- The WebSocket protocol ------------------------------------------------------------
 
 
 class ReadingProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, with text messages offered to `reader` first.
+    """uvicorn's websockets-sansio protocol, with the extras `transport_for` hands out.
 
-    Offered only while nothing waits in uvicorn's queue, so a message never overtakes
-    one queued before it; `reader` refuses what it cannot finish in order (a command
-    under way in its task). A message that is not valid UTF-8 goes uvicorn's way, which
-    closes with 1007.
-
-    It also keeps `takes_writes` up to date for `DirectWriter`.
+    Text messages are offered to `reader` only while nothing waits in uvicorn's queue,
+    so a message never overtakes one queued before it; `reader` refuses what it cannot
+    finish in order. A message that is not valid UTF-8 goes uvicorn's way (close 1007).
     """
 
     # Slots, not entries in the instance's __dict__: idle connections are counted in
-    # bytes (docs/performance.md).
+    # bytes (docs/performance.md, "What changed, and what each part bought", no. 2).
     __slots__ = ("_drop_timer", "_handshake_timer", "reader", "takes_writes")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Set by the connection once it reads (`Connection`), cleared when it stops.
+        #: Set by the connection's transport while it reads (`set_reader`).
         self.reader: TextReader | None = None
         #: True while uvicorn's `send` of a text frame would just write it (`_recheck`),
         #: unless the transport is closing: that one is asked at each write.
@@ -112,10 +126,9 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
 
     def _recheck(self) -> None:
         # Every condition under which uvicorn's own `send` would do something other than
-        # write one text frame: paused by the client's reading, closing or closed,
-        # before the handshake, or with websockets' output not yet flushed. They change
-        # only inside the methods below, so the fan-out reads one attribute instead of
-        # asking them all at each delivery (docs/performance.md).
+        # write one text frame. They change only inside the methods below, so a delivery
+        # reads one attribute (docs/performance.md, "What changed, and what each part
+        # bought", no. 7).
         conn = self.conn
         self.takes_writes = (
             self.handshake_complete
@@ -131,10 +144,6 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         """As uvicorn's: websockets parses every byte the client sends."""
         try:
             super().data_received(data)
-            if not self.handshake_initiated and self.conn.handshake_exc is not None:
-                # websockets refused the request; uvicorn never looks (0.54), so its
-                # answer would wait, and the socket stay open, for ever.
-                self._refuse_handshake()
         finally:
             # A close frame, a parser error or a ping may change the answer.
             self._recheck()
@@ -186,8 +195,8 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         try:
             await super().send(message)
         finally:
-            if self._handshake_timer is not None and self.handshake_complete:
-                self._end_handshake_deadline()  # accepted (or refused) in time
+            if self._handshake_timer is not None and self._answered():
+                self._end_handshake_deadline()
             self._recheck()
 
     def send_receive_event_to_app(self) -> None:
@@ -214,44 +223,13 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
                     return
         super().send_receive_event_to_app()
 
-    def handshake_deadline(self, when: float) -> None:
-        """Close the connection at `when` (event loop time) unless the app answered.
+    def handle_handshake_exception(self) -> None:
+        """Answer a request websockets refused with the reason, and close.
 
-        `BoundedHttpProtocol` hands over what is left of the upgrade request's
-        deadline: by then the app must have accepted (or refused) the WebSocket.
-        """
-        if not self.handshake_complete and not self.transport.is_closing():
-            self._handshake_timer = self.loop.call_at(when, self._handshake_expired)
-
-    def _end_handshake_deadline(self) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-
-    def _handshake_expired(self) -> None:
-        """503 unless the app has begun an answer of its own, then close."""
-        self._handshake_timer = None
-        if self.handshake_complete or self.transport.is_closing():
-            return
-        if self.initial_response is None:
-            # The request came whole: the server is late, not the client (so not 408).
-            # Written as is: websockets' `send_response` would log it and change state.
-            refusal = self.conn.reject(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "The WebSocket handshake was not answered in time.\n",
-            )
-            self.transport.write(refusal.serialize())
-        logger.debug("%s - WebSocket handshake timed out", _peer(self.client))
-        # An `accept` after this finds the transport closing and sends nothing (uvicorn),
-        # and the app then receives the disconnect.
-        self.transport.close()
-
-    def _refuse_handshake(self) -> None:
-        """Send what websockets answers to a request it refused, and close.
-
-        websockets prepares a 414 or a 431 (a line too long, too many headers), and
-        nothing for a request it cannot read (a body, a target that is not ASCII): that
-        one gets a 400 with the reason.
+        Instead of uvicorn's own answer, which says only "invalid request". websockets
+        prepares a 414 or a 431 (a line too long, too many headers), and nothing for a
+        request it cannot read (a body, a target that is not ASCII): that one gets a 400
+        with the reason.
         """
         conn = self.conn
         exc = conn.handshake_exc
@@ -269,33 +247,49 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         self.transport.write(answer)
         self.transport.close()
 
+    def handshake_deadline(self, when: float) -> None:
+        """Close the connection at `when` (event loop time) unless the app answered.
 
-def reading_protocol(send: object) -> ReadingProtocol | None:
-    """The `ReadingProtocol` whose bound method `send` is, else None."""
-    protocol = _sansio_protocol(send)
-    return protocol if isinstance(protocol, ReadingProtocol) else None
+        `BoundedHttpProtocol` hands over what is left of the upgrade request's
+        deadline: by then the app must have accepted (or refused) the WebSocket.
+        """
+        if not self._answered() and not self.transport.is_closing():
+            self._handshake_timer = self.loop.call_at(when, self._handshake_expired)
+
+    def _answered(self) -> bool:
+        # uvicorn counts the handshake complete from the first part of a refusal the app
+        # sends as an HTTP response (initial_response); the deadline waits for its end.
+        return self.handshake_complete and (self.initial_response is None or self.close_sent)
+
+    def _end_handshake_deadline(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def _handshake_expired(self) -> None:
+        """503 unless the app has begun an answer of its own, then close."""
+        self._handshake_timer = None
+        if self._answered() or self.transport.is_closing():
+            return
+        if self.initial_response is None:
+            # The request came whole: the server is late, not the client (so not 408).
+            # Written as is: websockets' `send_response` would log it and change state.
+            refusal = self.conn.reject(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "The WebSocket handshake was not answered in time.\n",
+            )
+            self.transport.write(refusal.serialize())
+        logger.debug("%s - WebSocket handshake timed out", _peer(self.client))
+        # An `accept` after this finds the transport closing and sends nothing (uvicorn),
+        # and the app then receives the disconnect.
+        self.transport.close()
 
 
-# --- The request head and the handshake: bounded in size and in time ----------------
+# --- The request head and the handshake: bounded in size and in time ------------------
 #
-# uvicorn 0.54 bounds neither. Its httptools protocol takes a request head of any size
-# and waits for it for ever (its keep-alive timer runs only between requests); and when
-# websockets' parser refuses an upgrade (a line over 8 KiB, more than 128 headers, a
-# body), its websockets-sansio protocol neither sends the answer websockets prepared nor
-# closes. Every such connection held a file descriptor, outside MAX_CONNECTIONS.
-
-#: The longest request line or header line, CRLF included, and the most header fields:
-#: websockets' own limits, so that every upgrade the worker lets through websockets takes.
-MAX_LINE_BYTES: int = http11.MAX_LINE_LENGTH
-MAX_HEADERS: int = http11.MAX_NUM_HEADERS
-#: The largest request head in all: what one connection may hold in memory for up to
-#: HANDSHAKE_TIMEOUT (MAX_HEADERS lines of MAX_LINE_BYTES would be 1 MiB).
-MAX_HEAD_BYTES = 65_536
-#: Seconds a refused client may go on sending after the answer: closing with its bytes
-#: still unread would reset the connection, and the answer could be lost on the way.
-REFUSAL_LINGER = 2.0
-# What follows the target in the request line that uvicorn hands websockets.
-_VERSION_AND_CRLF = len(b" HTTP/1.1\r\n")
+# uvicorn bounds neither. Its httptools protocol takes a request head of any size and
+# waits for it for ever (its keep-alive timer runs only between requests): every such
+# connection held a file descriptor, outside MAX_CONNECTIONS.
 
 
 class _OverLimit(Exception):
@@ -342,7 +336,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
       connection is closed (only closed if a response has begun). Between requests,
       uvicorn's keep-alive timeout closes an idle connection.
 
-    `http_options` makes uvicorn use it, with `handshake_timeout` bound.
+    `uvicorn_options` makes uvicorn use it, with `handshake_timeout` bound.
     """
 
     def __init__(
@@ -427,6 +421,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """As uvicorn's, bounded: the line as uvicorn rebuilds it, the fields, the head."""
+        # Counted with the value's trailing blanks, which uvicorn strips before it
+        # rebuilds the line: never less than what websockets then reads.
         line = len(name) + len(value) + 4  # b"name: value\r\n"
         self._head_bytes += line
         self._fields += 1
@@ -548,37 +544,115 @@ def _plain_response(
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def http_options(handshake_timeout: float) -> dict[str, Any]:
-    """The `http` option of uvicorn, and the options that go with it, for `uvicorn_options`.
+# --- What a connection gets: `service.transport.Transport` and its subclasses ---------
 
-    `BoundedHttpProtocol` with `handshake_timeout`, if the installed uvicorn has what it
-    relies on (`adapter_problem`). Otherwise uvicorn's own h11 protocol, whose public
-    `h11_max_incomplete_event_size` bounds the head (a 400, not a 431 or 414) but which
-    has no deadline: one warning says so. ReadingProtocol answers what websockets
-    refuses either way.
+
+class BoundedTransport(Transport):
+    """Every frame through ASGI, and the socket dropped when a closing client lingers."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, send: Send, protocol: ReadingProtocol) -> None:
+        super().__init__(send)
+        self._protocol = protocol
+
+    def drop_within(self, delay: float) -> None:
+        """Abort the socket unless the connection is gone within `delay` seconds."""
+        self._protocol.drop_within(delay)
+
+
+class DirectTransport(BoundedTransport):
+    """Frames written to the connection's socket, messages taken from inside its read."""
+
+    __slots__ = ()
+
+    def write_now(self, frame: str) -> bool:
+        """Write `frame` if uvicorn's `send` would now just write it; else False."""
+        # Once per member per message: attribute reads only, the bytes built by the
+        # first member (docs/performance.md, "What changed, and what each part bought",
+        # nos. 1 and 7).
+        protocol = self._protocol
+        if protocol.takes_writes and not protocol.transport.is_closing():
+            frames = wire_frames
+            protocol.transport.write(frames.wire if frame is frames.text else frames.build(frame))
+            return True
+        return False
+
+    async def send_from(self, outbox: Outbox) -> int:
+        """Send the outbox's frames in order until it is empty; how many were sent.
+
+        Everything queued goes in one write once the socket takes writes; while the
+        client does not read, the frames wait in the outbox. Otherwise (closing, gone, a
+        pong not yet flushed) one frame at a time through uvicorn's `send`, which
+        raises what it raises: it does not wait there, so nothing overtakes the frame.
+        """
+        protocol = self._protocol
+        sent = 0
+        while outbox:
+            if protocol.takes_writes and not protocol.transport.is_closing():
+                frames = outbox.take_all()
+                protocol.transport.write(b"".join(map(wire_frames, frames)))
+                sent += len(frames)
+            elif not protocol.writable.is_set() and not protocol.disconnected:
+                await protocol.writable.wait()  # set again on resume or on loss
+            else:
+                await self._send({"type": "websocket.send", "text": outbox.pop()})
+                sent += 1
+        return sent
+
+    def set_reader(self, reader: TextReader | None) -> None:
+        """Offer the client's text messages to `reader` from inside the read."""
+        self._protocol.reader = reader
+
+
+def transport_for(send: Send, *, fast: bool) -> Transport:
+    """How the connection that `send` belongs to writes its frames; call after `accept`.
+
+    `DirectTransport` when `fast`, the check passed, `send` is a bound method of a
+    `ReadingProtocol` and the connection has neither compression (frames differ per
+    connection) nor debug logging (websockets logs every frame); `BoundedTransport`
+    when it is ours but not fast; the plain `Transport` otherwise. With ours, the
+    handshake's request and response, which uvicorn keeps for the connection's whole
+    life but nothing reads after `accept`, are let go (docs/performance.md, "What
+    changed, and what each part bought", no. 2).
     """
-    # Only h11 reads it (uvicorn 0.54): set for the fallback, and for a run with
-    # `http=h11` (bench/worker.py).
+    protocol = getattr(send, "__self__", None)
+    if not isinstance(protocol, ReadingProtocol) or not adapter_ready():
+        return Transport(send)
+    if protocol.handshake_complete:
+        protocol.request = None  # type: ignore[assignment]
+        protocol.response = None  # type: ignore[assignment]
+        conn = protocol.conn
+        if fast and not conn.extensions and not conn.debug:
+            return DirectTransport(send, protocol)
+    return BoundedTransport(send, protocol)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The `ws` and `http` options of uvicorn, and what goes with them, for a worker.
+
+    `ReadingProtocol` and `BoundedHttpProtocol` (with HANDSHAKE_TIMEOUT) if the
+    installed uvicorn passes the check; otherwise uvicorn's own websockets-sansio and
+    h11. h11's public `h11_max_incomplete_event_size` bounds the head there (a 400, not
+    a 431 or 414), and it is set either way for a run with `http=h11` (bench/worker.py).
+    """
     options: dict[str, Any] = {"h11_max_incomplete_event_size": MAX_HEAD_BYTES}
-    problem = adapter_problem()
-    if problem is None:
+    if adapter_ready():
+        options["ws"] = ReadingProtocol
         options["http"] = functools.partial(
-            BoundedHttpProtocol, handshake_timeout=handshake_timeout
+            BoundedHttpProtocol, handshake_timeout=settings.handshake_timeout
         )
     else:
+        options["ws"] = "websockets-sansio"
         options["http"] = "h11"
-        logger.warning(
-            "HANDSHAKE_TIMEOUT and the 414/431 limits are off: this uvicorn lacks what "
-            "service.wire.BoundedHttpProtocol relies on (%s); running uvicorn's h11 "
-            "protocol, which answers 400 to a request head over %d bytes",
-            problem,
-            MAX_HEAD_BYTES,
-        )
     return options
 
 
-# Every method of uvicorn's that the adapters extend or call.
-_RELIED_ON: dict[type, tuple[str, ...]] = {
+# --- The start-up check ----------------------------------------------------------------
+
+# Every method of uvicorn's and websockets' that this module extends or calls; the
+# attributes set in their constructors are checked on the probe's objects.
+RELIED_ON: dict[type, tuple[str, ...]] = {
     HttpToolsProtocol: (
         "connection_made",
         "connection_lost",
@@ -590,290 +664,90 @@ _RELIED_ON: dict[type, tuple[str, ...]] = {
         "on_message_complete",
         "handle_websocket_upgrade",
     ),
-    WebSocketsSansIOProtocol: ("data_received", "connection_lost", "send"),
+    WebSocketsSansIOProtocol: (
+        "connection_made",
+        "connection_lost",
+        "data_received",
+        "pause_writing",
+        "resume_writing",
+        "shutdown",
+        "keepalive_timeout",
+        "send",
+        "send_receive_event_to_app",
+        "handle_handshake_exception",
+    ),
+    ServerProtocol: ("data_to_send", "reject"),
 }
 
 
-def adapter_problem() -> str | None:
-    """Why `BoundedHttpProtocol` cannot run on the installed uvicorn; None if it can.
+def adapter_ready() -> bool:
+    """True if this module's protocols may run; if not, says why once per process."""
+    problem = adapter_problem()
+    if problem is None:
+        return True
+    _warn_once(problem)
+    return False
 
-    It extends uvicorn's non-public protocol classes (0.54.x): the methods it extends
-    must be there, and one connection at a time is driven through them, in an event
-    loop of its own in a thread of its own, with a stand-in transport: a request
-    answered within its deadline, the next one cut short (408 at its deadline), and
-    an upgrade whose deadline `ReadingProtocol` takes over (503 at it).
+
+@functools.cache
+def _warn_once(problem: str) -> None:
+    logger.warning(
+        "uvicorn adapter off: this uvicorn lacks what service/adapters/uvicorn.py relies "
+        "on (%s). Running uvicorn's own websockets-sansio and h11 protocols, every frame "
+        "through ASGI: HANDSHAKE_TIMEOUT and the 414/431 limits are off (h11 answers 400 "
+        "to a request head over %d bytes), and the socket of a closing client that "
+        "does not read stays open",
+        problem,
+        MAX_HEAD_BYTES,
+    )
+
+
+@functools.cache
+def adapter_problem() -> str | None:
+    """Why this module's protocols cannot run on the installed uvicorn; None if they can.
+
+    Checked once per process: the versions, every name relied on, and one connection
+    at a time driven through both protocols (service/adapters/uvicorn_probe.py).
     """
+    problem = _version_problem("uvicorn", uvicorn.__version__, UVICORN_RANGE)
+    problem = problem or _version_problem("websockets", websockets_version, WEBSOCKETS_RANGE)
+    if problem is not None:
+        return problem
     missing = [
         f"{cls.__name__}.{name}"
-        for cls, names in _RELIED_ON.items()
+        for cls, names in RELIED_ON.items()
         for name in names
         if not callable(getattr(cls, name, None))
     ]
     if missing:
         return "no " + ", ".join(missing)
-    # A thread: the caller may be inside an event loop of its own.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        try:
-            pool.submit(asyncio.run, _drive_connections()).result()
-        except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
-    return None
+    # Imported here: it drives this module's own classes.
+    from service.adapters.uvicorn_probe import probe_problem
+
+    return probe_problem()
 
 
-class _Unfit(Exception):
-    """The installed uvicorn did not behave as `BoundedHttpProtocol` needs."""
-
-
-def _expect(condition: bool, what: str) -> None:
-    if not condition:
-        raise _Unfit(what)
-
-
-async def _probe_app(scope: Any, receive: Any, send: Any) -> None:
-    """Answers an HTTP request with 204; holds a WebSocket handshake until it is gone."""
-    if scope["type"] == "http":
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-    elif scope["type"] == "websocket":
-        while (await receive())["type"] != "websocket.disconnect":
-            pass
-
-
-class _ProbeTransport(asyncio.Transport):
-    """What `adapter_problem`'s connections write, and whether they closed."""
-
-    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
-        super().__init__()
-        self.protocol = protocol
-        self.written = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Keep `data`."""
-        self.written += data
-
-    def is_closing(self) -> bool:
-        """Whether `close` was called."""
-        return self.closing
-
-    def close(self) -> None:
-        """Mark closed."""
-        self.closing = True
-
-    def can_write_eof(self) -> bool:
-        """No half-close here."""
-        return False
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        """The protocol now reading."""
-        return self.protocol
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        """Switch protocols (an upgrade)."""
-        self.protocol = protocol
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """A made-up peer, no socket."""
-        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
-
-    def pause_reading(self) -> None:
-        """Nothing to pause."""
-
-    def resume_reading(self) -> None:
-        """Nothing to resume."""
-
-
-_PROBE_UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: probe\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-async def _drive_connections() -> None:
-    """`adapter_problem`'s connections; raises what went otherwise than expected."""
-    config = Config(
-        app=_probe_app, ws=ReadingProtocol, lifespan="off", log_config=None, proxy_headers=False
+def _version_problem(
+    name: str, version: str, tested: tuple[tuple[int, ...], tuple[int, ...]]
+) -> str | None:
+    first, past = tested
+    numbers = _release(version)
+    if first <= numbers < past:
+        return None
+    return (
+        f"{name} {version}, outside the tested >={'.'.join(map(str, first))}, "
+        f"<{'.'.join(map(str, past))}"
     )
-    config.load()
-    state = ServerState()
-    transports: list[_ProbeTransport] = []
-
-    def connect() -> tuple[BoundedHttpProtocol, _ProbeTransport]:
-        protocol = BoundedHttpProtocol(
-            config=config, server_state=state, app_state={}, handshake_timeout=60.0
-        )
-        protocol.access_log = False  # not a request to log
-        transport = _ProbeTransport(protocol)
-        transports.append(transport)
-        protocol.connection_made(transport)
-        _expect(protocol._deadline is not None, "no deadline on a new connection")
-        return protocol, transport
-
-    try:
-        http, transport = connect()
-        http.data_received(b"GET / HTTP/1.1\r\nHost: probe\r\n\r\n")
-        _expect(http._deadline is None, "the deadline outlived a whole request")
-        await asyncio.gather(*list(state.tasks))
-        _expect(transport.written.startswith(b"HTTP/1.1 204"), "the request went unanswered")
-        http.data_received(b"GET / HT")
-        _expect(http._deadline is not None, "no deadline for a kept-alive connection's request")
-        transport.written.clear()
-        http._expired()
-        _expect(transport.written.startswith(b"HTTP/1.1 408"), "no 408 at the deadline")
-        _expect(transport.closing, "not closed at the deadline")
-
-        http, transport = connect()
-        http.data_received(_PROBE_UPGRADE)
-        ws = transport.get_protocol()
-        _expect(isinstance(ws, ReadingProtocol), "the upgrade did not switch protocols")
-        assert isinstance(ws, ReadingProtocol)
-        _expect(ws._handshake_timer is not None, "the upgrade's deadline was not handed over")
-        transport.written.clear()
-        ws._handshake_expired()
-        _expect(transport.written.startswith(b"HTTP/1.1 503"), "no 503 at the upgrade's deadline")
-    finally:
-        # Every connection ends, so that every app returns by itself: one cancelled
-        # instead would be logged as a failing app.
-        for transport in transports:
-            with contextlib.suppress(Exception):
-                transport.get_protocol().connection_lost(None)
-        await asyncio.gather(*list(state.tasks), return_exceptions=True)
 
 
-# A final text frame's first byte (FIN and opcode 1), then the payload length in 7 bits,
-# or 126 and 16 bits, or 127 and 64 bits (RFC 6455, 5.2).
-_HEAD_7 = struct.Struct("!BB")
-_HEAD_16 = struct.Struct("!BBH")
-_HEAD_64 = struct.Struct("!BBQ")
-_FIN_TEXT = 0x81
-# SO_LINGER on, for 0 seconds: close() resets the connection at once.
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
-
-
-def text_frame(text: str) -> bytes:
-    """The bytes of one unmasked, uncompressed, unfragmented text frame of `text`.
-
-    The bytes websockets' own serializer writes (tests/unit/test_wire.py), without its
-    checks and buffer: this runs once per message per worker.
-    """
-    data = text.encode()
-    length = len(data)
-    if length < 126:
-        return _HEAD_7.pack(_FIN_TEXT, length) + data
-    if length < 65536:
-        return _HEAD_16.pack(_FIN_TEXT, 126, length) + data
-    return _HEAD_64.pack(_FIN_TEXT, 127, length) + data
-
-
-class WireFrames:
-    """Text -> frame bytes, built once for a run of calls with the same `str` object.
-
-    The fan-out delivers one `str` to every member of a channel: the first member's
-    call builds the bytes, the others reuse them. Identity, not equality: comparing
-    would cost as much as a small frame's encoding.
-    """
-
-    __slots__ = ("_text", "_wire")
-
-    def __init__(self) -> None:
-        self._text: str | None = None
-        self._wire = b""
-
-    def __call__(self, text: str) -> bytes:
-        """The frame bytes of `text`."""
-        if text is not self._text:
-            self._wire = text_frame(text)
-            self._text = text  # held, so no other string can take its identity
-        return self._wire
-
-
-#: One per process: the event loop runs one fan-out at a time.
-wire_frames = WireFrames()
-
-
-class DirectWriter:
-    """Writes frame bytes to a `ReadingProtocol` connection's transport, synchronously."""
-
-    __slots__ = ("_protocol",)
-
-    def __init__(self, protocol: ReadingProtocol) -> None:
-        self._protocol = protocol
-
-    @classmethod
-    def attach(cls, send: object) -> DirectWriter | None:
-        """A writer for the connection `send` belongs to, or None to stay with ASGI.
-
-        Call after the handshake: the negotiated extensions decide. Only uvicorn's
-        protocol as `ReadingProtocol` runs it keeps `takes_writes`: with any other
-        (wsproto, uvicorn's own websockets-sansio) every frame goes through ASGI.
-        """
-        protocol = reading_protocol(send)
-        if protocol is None:
-            return None
-        conn = protocol.conn
-        # Compressed frames differ per connection; debug mode logs every frame.
-        if conn.extensions or conn.debug or not protocol.handshake_complete:
-            return None
-        return cls(protocol)
-
-    def writable(self) -> bool:
-        """True if uvicorn's `send` of a text frame would now just write it.
-
-        False while the transport is paused (the client reads slowly), and once the
-        connection closes or is gone: the caller then queues, or uses ASGI `send`,
-        which raises what uvicorn raises.
-        """
-        protocol = self._protocol
-        return protocol.takes_writes and not protocol.transport.is_closing()
-
-    def write_now(self, text: str) -> bool:
-        """Write the frame of `text` if `writable()`; False if it was not written."""
-        # One call per delivery: `writable()`, `wire_frames` and `write` inlined (the
-        # fan-out's loop runs this once per member).
-        protocol = self._protocol
-        if protocol.takes_writes and not protocol.transport.is_closing():
-            frames = wire_frames
-            if text is not frames._text:
-                frames._wire = text_frame(text)
-                frames._text = text
-            protocol.transport.write(frames._wire)
-            return True
-        return False
-
-    def paused(self) -> bool:
-        """True while the transport waits for the client to read (and it is still there)."""
-        protocol = self._protocol
-        return not protocol.writable.is_set() and not protocol.disconnected
-
-    async def wait_writable(self) -> None:
-        """Until the transport takes writes again (or the connection is lost)."""
-        await self._protocol.writable.wait()
-
-    def write(self, data: bytes) -> None:
-        """Write whole frames; only after `writable()` said True in the same step."""
-        self._protocol.transport.write(data)
-
-
-def forget_handshake(send: object) -> None:
-    """Let go of the handshake's request and response that uvicorn keeps.
-
-    uvicorn's websockets-sansio protocol holds both, headers and all (about 3 KB), for
-    the connection's whole life, though it reads them only until `accept` (0.54.x):
-    dropping them takes a seventh off an idle connection's memory. Call after `accept`;
-    does nothing with any other implementation.
-    """
-    protocol = _sansio_protocol(send)
-    if protocol is not None and protocol.handshake_complete:
-        protocol.request = None  # type: ignore[assignment]
-        protocol.response = None  # type: ignore[assignment]
-
-
-def _sansio_protocol(send: object) -> WebSocketsSansIOProtocol | None:
-    """The websockets-sansio protocol object whose bound method `send` is, else None.
-
-    None for another implementation (wsproto, legacy websockets), or a wrapped `send`.
-    """
-    protocol = getattr(send, "__self__", None)
-    if type(protocol) in (WebSocketsSansIOProtocol, ReadingProtocol):
-        return protocol
-    return None
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version: "0.55.1rc1" -> (0, 55, 1)."""
+    numbers: list[int] = []
+    for part in version.split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(numbers)

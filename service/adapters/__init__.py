@@ -1,0 +1,1 @@
+"""Adapters to other libraries' private parts, each checked at start-up, with a fallback."""
