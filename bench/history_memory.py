@@ -64,7 +64,11 @@ async def measure(redis: Redis, size: int, count: int) -> tuple[int, int]:
     )
     data = orjson.dumps("x" * (size - 2))
     for _ in range(count):
-        await history.publish(CHANNEL, data)
+        done: asyncio.Future[str | Exception] = asyncio.get_running_loop().create_future()
+        history.publish_now(CHANNEL, data, done.set_result)
+        outcome = await done
+        if isinstance(outcome, Exception):
+            raise outcome
     for made in pipes:
         await made.close()
     stream = await redis.memory_usage(f"bench:history:{{{CHANNEL}}}", samples=0) or 0

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, cast
 
 from broadcaster import Broadcast, Event
@@ -43,8 +44,6 @@ _READINESS_PING_TIMEOUT = 2.0
 
 
 class _HistoryStore(Protocol):
-    async def publish(self, channel: str, data: bytes, key: str | None = None) -> str: ...
-
     def publish_now(
         self, channel: str, data: bytes, done: Published, key: str | None = None
     ) -> None: ...
@@ -57,7 +56,7 @@ class _HistoryStore(Protocol):
 
 
 class _MemoryStore:
-    """memory://: history in this process, messages through broadcaster's MemoryBackend."""
+    """memory://: history in this process, messages through broadcaster's memory backend."""
 
     def __init__(self, broadcast: Broadcast, settings: Settings) -> None:
         self._broadcast = broadcast
@@ -68,12 +67,6 @@ class _MemoryStore:
             key_ttl=settings.idempotency_ttl,
         )
         self._tasks: set[asyncio.Task[None]] = set()
-
-    async def publish(self, channel: str, data: bytes, key: str | None = None) -> str:
-        message_id, frame = self._history.publish(channel, data, key)
-        if frame is not None:  # None: a replay under `key`, published before
-            await self._broadcast.publish(channel, frame)
-        return message_id
 
     def publish_now(
         self, channel: str, data: bytes, done: Published, key: str | None = None
@@ -88,7 +81,9 @@ class _MemoryStore:
     ) -> None:
         # `done` in the task's own step, as an awaiting caller would go on.
         try:
-            message_id = await self.publish(channel, data, key)
+            message_id, frame = self._history.publish(channel, data, key)
+            if frame is not None:  # None: a replay under `key`, published before
+                await self._broadcast.publish(channel, frame)
         except asyncio.CancelledError:
             done(BrokerUnavailable("the publish was cancelled: the worker is stopping"))
             raise
@@ -168,7 +163,13 @@ class Broker:
         Raises `BrokerUnavailable` when nothing was published, and its subclass
         `OutcomeUnknown` when Redis may have published it (retry with a key then).
         """
-        return await self._history.publish(channel, data, key)
+        # `publish_now`, waited for: one way to publish.
+        done: asyncio.Future[str | Exception] = asyncio.get_running_loop().create_future()
+        self._history.publish_now(channel, data, partial(_settle, done), key)
+        outcome = await done
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def publish_now(
         self, channel: str, data: bytes, done: Published, key: str | None = None
@@ -256,3 +257,9 @@ async def _relay(subscriber: AsyncIterable[Event | None], channel: str, sink: Ch
         if event is not None:
             frame = event.message
             sink.message(position_of(frame, head), frame)
+
+
+def _settle(done: asyncio.Future[str | Exception], outcome: str | Exception) -> None:
+    """Hand a publish's outcome to whoever awaits it (nobody, if it was cancelled)."""
+    if not done.done():
+        done.set_result(outcome)

@@ -122,27 +122,18 @@ class RedisHistory:
         self._publish = pipe(PUBLISH_SCRIPT)
         self._read = client.register_script(_READ)
 
-    async def publish(self, channel: str, data: bytes, key: str | None = None) -> str:
-        """Number `data`'s `message` frame, keep it and PUBLISH it; return its id.
-
-        With `key` (a client's idempotency key), a publish with the same key to the same
-        channel within the key's TTL is not published again: its id, as `Replayed`.
-        Raises `BrokerUnavailable` when Redis did not publish it, `OutcomeUnknown` when
-        it may have.
-        """
-        keys, args = self._publish_call(channel, data, key)
-        try:
-            reply = await self._publish(keys=keys, args=args)
-        except RedisError as exc:
-            raise _unavailable(exc) from exc
-        return _message_id(reply)
-
     def publish_now(
         self, channel: str, data: bytes, done: Published, key: str | None = None
     ) -> None:
-        """`publish` without waiting: `done` gets the id, or the exception `publish` raises.
+        """Number `data`'s `message` frame, keep it and PUBLISH it; `done` gets its id.
 
-        Called later, never from inside this call (service/broker/redis_pipe.py, `start`).
+        With `key` (a client's idempotency key), a publish with the same key to the same
+        channel within the key's TTL is not published again: `done` gets its id, as
+        `Replayed`. `done` gets `BrokerUnavailable` when Redis did not publish it,
+        `OutcomeUnknown` when it may have.
+
+        `done` is called later, never from inside this call (service/broker/redis_pipe.py,
+        `start`).
         """
         keys, args = self._publish_call(channel, data, key)
         self._publish.start(keys, args, partial(_published, done))
