@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 from uvicorn.config import LOGGING_CONFIG
 
+from service import cli
 from service.adapters import uvicorn as uvicorn_adapter
 from service.broker import check_redis_url
 from service.settings import SETTINGS_ENV_VAR, Settings
@@ -89,8 +90,15 @@ def check_backend(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m service` and `broadcast-service`."""
-    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    """Entry point of `python -m service` and `broadcast-service`.
+
+    `token` and `check` as the first argument are the commands of service/cli.py.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in cli.COMMANDS:
+        cli.main(argv[0], argv[1:])
+        return
+    settings = parse_settings(argv)
     check_backend(settings)
     # uvicorn's worker processes import the app anew: hand them the parsed settings.
     os.environ[SETTINGS_ENV_VAR] = settings.handover_json()

@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.adapters.uvicorn import adapter_ready
@@ -96,12 +98,32 @@ def create_app(settings: Settings) -> ws.WebSocketEndpoints:
     app.include_router(health.router)
     if settings.demo_page:
         app.include_router(demo.router)
-    app.mount("/static", StaticFiles(packages=[("service", "static")]), name="static")
+    # The browser client is imported by apps on other origins (a dev server, the app's
+    # own domain): the same origins that may open a WebSocket may load it.
+    static = CORSMiddleware(
+        StaticFiles(packages=[("service", "static")]),
+        allow_origins=settings.allowed_origins,
+        allow_methods=["GET", "HEAD"],
+    )
+    app.mount("/static", static, name="static")
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
         status = _PROTOCOL_ERROR_STATUS.get(exc.code, 400)
-        return JSONResponse({"error": exc.code.value, "message": exc.message}, status_code=status)
+        # `invalid_frame` is the WebSocket's word; over HTTP it is `invalid_request`.
+        code = ErrorCode.INVALID_REQUEST if exc.code is ErrorCode.INVALID_FRAME else exc.code
+        return JSONResponse({"error": code.value, "message": exc.message}, status_code=status)
+
+    # A query parameter FastAPI could not parse (`limit=abc`): a 400 like any bad request,
+    # not FastAPI's 422 (which the OpenAPI schema then does not document either).
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = http.validation_error_message(exc.errors())
+        return JSONResponse(
+            {"error": ErrorCode.INVALID_REQUEST.value, "message": message}, status_code=400
+        )
+
+    http.drop_validation_errors_from_openapi(app)
 
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:

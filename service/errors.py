@@ -1,7 +1,8 @@
 """The service's exceptions, each knowing what the client is told.
 
 ServiceError
- ├── ProtocolError        -> `error` frame with its code (HTTP 400/413); connection carries on
+ ├── ProtocolError        -> `error` frame with its code (HTTP 400/413; its `invalid_frame`
+ │                          is `invalid_request` over HTTP); connection carries on
  ├── Unauthorized         -> HTTP 401 (the HTTP API's key)
  └── BrokerUnavailable    -> `error` frame `unavailable` / HTTP 503: nothing was done; retry later
       └── OutcomeUnknown  -> `error` frame `outcome_unknown` / HTTP 504: a publish may or may

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, NotRequired, ParamSpec, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field, JsonValue
 from starlette.requests import ClientDisconnect
+from typing_extensions import TypedDict
 
 from service.api.deps import RuntimeDep, require_api_key
 from service.broker import HistoryRead, Position, Replayed
@@ -16,20 +19,78 @@ from service.errors import ProtocolError
 from service.protocol.codes import ErrorCode
 from service.protocol.commands import encode_json_value, validate_idempotency_key
 
+
+class ErrorBody(BaseModel):
+    """The body of every error answer of the HTTP API."""
+
+    error: str = Field(description="Machine-readable code (docs/protocol.md, Error codes).")
+    message: str = Field(description="What is wrong, for people.")
+
+
+class Published(BaseModel):
+    """The answer to a publish."""
+
+    channel: str
+    id: str = Field(description="The message's id (the first publish's, when replayed).")
+
+
+class HistoryMessage(BaseModel):
+    """One kept message."""
+
+    id: str
+    data: JsonValue = Field(description="The published JSON value.")
+
+
+class History(TypedDict):
+    """The answer to a history read."""
+
+    channel: str
+    position: str
+    messages: list[HistoryMessage]
+    recovered: NotRequired[bool]
+
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"model": ErrorBody, "description": description}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+# The statuses each route really answers (tests/integration/test_openapi.py checks them).
+_UNAUTHORIZED = _error(
+    "`unauthorized`: auth is on and the `X-API-Key` header is missing or not one of API_KEYS.",
+    {"WWW-Authenticate": {"schema": {"type": "string"}}},
+)
+_UNAVAILABLE = _error(
+    "`unavailable`: Redis could not be reached; nothing was done. Retry later.", _RETRY_AFTER
+)
+
 # Backends only: every route needs one of API_KEYS (when auth is on).
-router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/api",
+    dependencies=[Depends(require_api_key)],
+    responses={401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+)
 
 _DEFAULT_HISTORY_LIMIT = 100
 _MAX_HISTORY_LIMIT = 1000
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _KEY_HEADER = "idempotency-key"
 # On the answer to a publish whose Idempotency-Key was used before: nothing was published.
 _REPLAYED = {"Idempotent-Replayed": "true"}
 
-_PUBLISHED_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"channel": {"type": "string"}, "id": {"type": "string"}},
-}
 _BODY_SCHEMA: dict[str, Any] = {
     "parameters": [
         {
@@ -40,9 +101,9 @@ _BODY_SCHEMA: dict[str, Any] = {
                 "Up to 64 visible ASCII characters (a UUID, say). A publish to the same "
                 "channel with a key used there within IDEMPOTENCY_TTL publishes nothing and "
                 "is answered with the first id (and `Idempotent-Replayed: true`): retry an "
-                "`outcome_unknown` (504) with the same key."
+                "`outcome_unknown` (504) with the same key. A bad one is a 400 `invalid_request`."
             ),
-            "schema": {"type": "string", "maxLength": 64},
+            "schema": {"type": "string", "minLength": 1, "maxLength": 64},
         }
     ],
     "requestBody": {
@@ -63,7 +124,29 @@ _BODY_SCHEMA: dict[str, Any] = {
 @router.post(
     "/channels/{channel}/messages",
     openapi_extra=_BODY_SCHEMA,
-    responses={200: {"content": {"application/json": {"schema": _PUBLISHED_SCHEMA}}}},
+    responses={
+        200: {
+            "model": Published,
+            "description": "Published (or replayed: see `Idempotency-Key`).",
+            "headers": {
+                "Idempotent-Replayed": {
+                    "description": "`true` when the key was used before: nothing was published.",
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            },
+        },
+        400: _error(
+            "`invalid_json` (the body is not JSON), `invalid_request` (not an object with "
+            "`data`, a bad or repeated `Idempotency-Key` header, a body cut short) or "
+            "`invalid_channel`."
+        ),
+        413: _error("`message_too_large`: the body or its `data` is over the limit."),
+        504: _error(
+            "`outcome_unknown`: Redis did not answer in time; it may have been published. "
+            "Retry with the same `Idempotency-Key`.",
+            _RETRY_AFTER,
+        ),
+    },
 )
 async def publish(channel: str, request: Request, runtime: RuntimeDep) -> Response:
     """Publish `data` to `channel`; returns the message id.
@@ -75,8 +158,8 @@ async def publish(channel: str, request: Request, runtime: RuntimeDep) -> Respon
     key = request.headers.get(_KEY_HEADER)
     if key is not None:
         if len(request.headers.getlist(_KEY_HEADER)) > 1:
-            raise ProtocolError(ErrorCode.INVALID_FRAME, "more than one Idempotency-Key header")
-        key = validate_idempotency_key(key, what="the Idempotency-Key header")
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "more than one Idempotency-Key header")
+        key = _as_http(validate_idempotency_key, key, what="the Idempotency-Key header")
     body = await _read_body(request, runtime.settings.max_frame_bytes)
     try:
         payload = orjson.loads(body)
@@ -84,9 +167,9 @@ async def publish(channel: str, request: Request, runtime: RuntimeDep) -> Respon
         raise ProtocolError(ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict) or "data" not in payload:
         raise ProtocolError(
-            ErrorCode.INVALID_FRAME, 'body must be a JSON object with a "data" field'
+            ErrorCode.INVALID_REQUEST, 'body must be a JSON object with a "data" field'
         )
-    data = encode_json_value(payload["data"], limits, "data", None)
+    data = _as_http(encode_json_value, payload["data"], limits, "data", None)
     message_id = await runtime.broker.publish(channel, data, key)
     runtime.metrics.published_http += 1
     answer = orjson.dumps({"channel": channel, "id": message_id})
@@ -113,16 +196,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         # Gone before the body was whole (or cut at HANDSHAKE_TIMEOUT): a bad request,
         # not a failure of the worker's, whose answer nobody reads.
-        raise ProtocolError(ErrorCode.INVALID_FRAME, "the body did not arrive whole") from None
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "the body did not arrive whole") from None
     return b"".join(chunks)
 
 
-@router.get("/channels/{channel}/history")
+@router.get(
+    "/channels/{channel}/history",
+    responses={
+        200: {"model": History, "description": "The messages, oldest first."},
+        400: _error("`invalid_request` (a bad `limit`) or `invalid_channel`."),
+    },
+)
 async def history(
     channel: str,
     runtime: RuntimeDep,
-    since: str | None = None,
-    limit: str | None = None,
+    since: Annotated[
+        str | None, Query(description="A message id: read the messages after it.")
+    ] = None,
+    limit: Annotated[
+        int,
+        Query(ge=1, le=_MAX_HISTORY_LIMIT, description="How many messages at most."),
+    ] = _DEFAULT_HISTORY_LIMIT,
 ) -> Response:
     """The channel's kept messages, oldest first: the latest `limit`, or those after `since`.
 
@@ -130,7 +224,7 @@ async def history(
     whether the messages start right after it (false: history does not reach back).
     """
     validate_channel(channel, runtime.limits.max_channel_length)
-    count = _parse_limit(limit)
+    count = limit
     broker = runtime.broker
     body: dict[str, Any] = {"channel": channel}
     read: HistoryRead
@@ -145,15 +239,48 @@ async def history(
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-def _parse_limit(text: str | None) -> int:
-    if text is None:
-        return _DEFAULT_HISTORY_LIMIT
-    if not (text.isdecimal() and len(text) <= 4 and 1 <= int(text) <= _MAX_HISTORY_LIMIT):
-        raise ProtocolError(
-            ErrorCode.INVALID_FRAME,
-            f"limit must be an integer from 1 to {_MAX_HISTORY_LIMIT}, got {text!r}",
-        )
-    return int(text)
+def _as_http(check: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a check shared with the WebSocket; its `invalid_frame` is `invalid_request` here."""
+    try:
+        return check(*args, **kwargs)
+    except ProtocolError as exc:
+        if exc.code is ErrorCode.INVALID_FRAME:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, exc.message) from None
+        raise
+
+
+def validation_error_message(errors: Sequence[Any]) -> str:
+    """One line for FastAPI's validation errors, such as a `limit` that is not a number."""
+    parts = []
+    for error in errors:
+        location = [str(part) for part in error.get("loc", ())]
+        if len(location) > 1 and location[0] in ("query", "header", "path", "cookie"):
+            where = f"{location[0]} parameter {' '.join(location[1:])}"
+        else:
+            where = " ".join(location) or "request"
+        text = f"{where}: {error.get('msg', 'invalid')}"
+        if "input" in error and isinstance(error["input"], str | int | float):
+            given = repr(error["input"])
+            text += f", got {given if len(given) <= 40 else given[:37] + '...'}"
+        parts.append(text)
+    return "; ".join(parts) or "invalid request"
+
+
+def drop_validation_errors_from_openapi(app: FastAPI) -> None:
+    """Keep FastAPI from documenting a 422 no route answers (app.py makes them 400s)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _id_and_data(frame: str) -> dict[str, Any]:

@@ -19,12 +19,13 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import cookie_parser
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
 from service.adapters.uvicorn import transport_for
 from service.auth import InvalidToken, Principal, origin_allowed
 from service.protocol import frames
-from service.protocol.codes import CloseCode
+from service.protocol.codes import CloseCode, ErrorCode
 from service.runtime import Runtime
 from service.session import Session, SimpleSession
 
@@ -64,10 +65,10 @@ class WebSocketEndpoints:
         try:
             principal = principal_of(websocket, runtime)
         except HandshakeRefused as exc:
-            # Before `accept`, a close is an HTTP 403 answer to the handshake. The reason
-            # is logged, never the token.
+            # Answered before `accept`: an HTTP 403 whose body says why, for clients that
+            # can read it (a browser cannot). The reason is logged, never the token.
             logger.info("WebSocket refused: %s", exc.reason)
-            await websocket.close(CloseCode.POLICY_VIOLATION, exc.reason)
+            await _refuse(websocket, exc.reason)
             return
         if not await _take_slot(websocket, runtime):
             return
@@ -84,6 +85,19 @@ class WebSocketEndpoints:
             await session.run()
         finally:
             runtime.slots.release()
+
+
+async def _refuse(websocket: WebSocket, reason: str) -> None:
+    """Answer the handshake with 403 and `{"error": "forbidden", "message": reason}`.
+
+    A server without ASGI's denial responses gets a close before `accept` instead,
+    which it answers with a bare 403.
+    """
+    if "websocket.http.response" not in websocket.scope.get("extensions", {}):
+        await websocket.close(CloseCode.POLICY_VIOLATION, reason)
+        return
+    body = {"error": ErrorCode.FORBIDDEN.value, "message": f"WebSocket refused: {reason}"}
+    await websocket.send_denial_response(JSONResponse(body, status_code=403))
 
 
 def _route_path(scope: Scope) -> str:

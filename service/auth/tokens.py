@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jwt
@@ -129,3 +130,54 @@ def _channels(claim: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
             raise InvalidToken(f"claim {CHANNELS_CLAIM}.{action} must be a list of patterns")
         lists.append(tuple(patterns))
     return lists[0], lists[1]
+
+
+def mint(
+    settings: Settings,
+    subject: str,
+    *,
+    subscribe: list[str],
+    publish: list[str],
+    ttl: float,
+    private_key: str | None = None,
+    now: float | None = None,
+) -> str:
+    """A token `Authenticator(settings)` accepts: `sub`, `exp`, and the `channels` claim.
+
+    Signed with JWT_SECRET and the first of JWT_ALGORITHMS, or with `private_key` (PEM)
+    when the service verifies with JWT_PUBLIC_KEY_FILE. `aud` and `iss` are set when the
+    settings require them. For development and tests: production tokens come from the
+    backend that knows the users (docs/security.md).
+    """
+    if not subject:
+        raise ValueError("the subject (sub) must not be empty")
+    if ttl <= 0:
+        raise ValueError("the lifetime (ttl) must be positive")
+    if settings.jwt_secret is not None:
+        key: Any = settings.jwt_secret.get_secret_value()
+    elif settings.jwt_public_key_file is not None:
+        if private_key is None:
+            raise ValueError(
+                "the service verifies tokens with JWT_PUBLIC_KEY_FILE: the private key that "
+                "matches it is needed to sign them"
+            )
+        key = private_key
+    else:
+        raise ValueError("no JWT_SECRET or JWT_PUBLIC_KEY_FILE is set: tokens are refused")
+    issued = time.time() if now is None else now
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "iat": int(issued),
+        "exp": int(issued + ttl),
+        CHANNELS_CLAIM: {"subscribe": list(subscribe), "publish": list(publish)},
+    }
+    if settings.jwt_audience is not None:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer is not None:
+        claims["iss"] = settings.jwt_issuer
+    try:
+        return jwt.encode(claims, key, algorithm=settings.jwt_algorithms[0])
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:
+        raise ValueError(
+            f"cannot sign with {settings.jwt_algorithms[0]} and this key: {exc}"
+        ) from None

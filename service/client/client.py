@@ -43,8 +43,25 @@ logger = logging.getLogger(__name__)
 _UNAVAILABLE = "unavailable"
 # The reason reported when the server refused the handshake (HTTP 403) for good.
 _REFUSED = "handshake refused"
+# At most this much of a refusal's body goes into the reason.
+_MAX_REASON = 500
 
 _T = TypeVar("_T")
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """`exc` (a refused handshake), with the reason the server gave in the body, if any."""
+    response = getattr(exc, "response", None)
+    body = getattr(response, "body", None) or b""
+    reason = body.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError, AttributeError):
+        reason = str(json.loads(reason)["message"])  # the service's {"error", "message"}
+    if reason:
+        return f"{exc}: {reason[:_MAX_REASON]}"
+    return (
+        f"{exc} (no reason given; the server's log says why: a missing, expired or "
+        "invalid token, a `channels` claim that is not an object, or a foreign Origin)"
+    )
 
 
 def _dumps(value: Any) -> str:
@@ -346,7 +363,7 @@ class Client:
             logger.debug("%s", reason)
             if refused(exc) and not provider:
                 # The same token (or none) would be refused again: stop, as after 1008.
-                return CloseCode.POLICY_VIOLATION, f"{_REFUSED}: {exc}"
+                return CloseCode.POLICY_VIOLATION, f"{_REFUSED}: {_refusal_reason(exc)}"
             return None, reason
         return await self._serve(ws)
 

@@ -22,6 +22,8 @@ class ErrorCode(StrEnum):
 
     INVALID_JSON = "invalid_json"
     INVALID_FRAME = "invalid_frame"
+    # HTTP only: a bad body, query parameter or header (the HTTP API's `invalid_frame`).
+    INVALID_REQUEST = "invalid_request"
     UNKNOWN_TYPE = "unknown_type"
     INVALID_CHANNEL = "invalid_channel"
     MESSAGE_TOO_LARGE = "message_too_large"

@@ -87,7 +87,7 @@ async def test_history_over_http_refuses_bad_requests(worker: Worker) -> None:
     for params in ({"limit": "0"}, {"limit": "1001"}, {"limit": "ten"}, {"limit": "-1"}):
         response = history(worker, "news", **params)
         assert response.status_code == 400, params
-        assert response.json()["error"] == "invalid_frame"
+        assert response.json()["error"] == "invalid_request"
         assert "limit" in response.json()["message"]
     response = history(worker, "bad channel!")
     assert (response.status_code, response.json()["error"]) == (400, "invalid_channel")
@@ -303,7 +303,7 @@ async def test_reading_an_unknown_channel_leaves_only_a_short_lived_key(
 
 async def test_a_limit_with_thousands_of_digits_is_a_400(worker: Worker) -> None:
     response = history(worker, "news", limit="9" * 5000)
-    assert (response.status_code, response.json()["error"]) == (400, "invalid_frame")
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
 
 
 async def test_a_storm_of_resumes_waits_for_pool_connections_instead_of_failing(

@@ -38,8 +38,8 @@ async def test_http_publish_reaches_websocket_subscribers(worker: Worker) -> Non
     ("channel", "body", "status", "code"),
     [
         ("ok", b"{not json", 400, "invalid_json"),
-        ("ok", b"[1]", 400, "invalid_frame"),
-        ("ok", b'{"payload": 1}', 400, "invalid_frame"),
+        ("ok", b"[1]", 400, "invalid_request"),
+        ("ok", b'{"payload": 1}', 400, "invalid_request"),
         ("ok", b'{"data": "' + b"x" * 1100 + b'"}', 413, "message_too_large"),
         ("ok", b'{"data": "' + b"x" * 5000 + b'"}', 413, "message_too_large"),
         ("bad%20name", b'{"data": 1}', 400, "invalid_channel"),
@@ -53,6 +53,38 @@ def test_bad_publish_requests_say_what_is_wrong(
     assert response.status_code == status, response.text
     assert response.json()["error"] == code
     assert response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("limit=abc", "valid integer"),
+        ("limit=-1", "greater than or equal to 1"),
+        ("limit=0", "greater than or equal to 1"),
+        ("limit=1001", "less than or equal to 1000"),
+        ("limit=2.5", "valid integer"),
+        ("limit=", "valid integer"),
+    ],
+)
+def test_a_bad_query_parameter_is_a_400_invalid_request_not_a_422(
+    worker: Worker, query: str, says: str
+) -> None:
+    response = httpx.get(f"{worker.http}/api/channels/ok/history?{query}")
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert set(body) == {"error", "message"}
+    assert body["error"] == "invalid_request"
+    assert "limit" in body["message"], body["message"]
+    assert says in body["message"], body["message"]
+
+
+def test_a_good_limit_is_read_as_a_number(worker: Worker) -> None:
+    channel = unique("limit")
+    for n in range(3):
+        worker.publish(channel, n)
+    response = httpx.get(f"{worker.http}/api/channels/{channel}/history?limit=2")
+    assert response.status_code == 200, response.text
+    assert [m["data"] for m in response.json()["messages"]] == [1, 2]
 
 
 def test_health_and_readiness(worker: Worker) -> None:

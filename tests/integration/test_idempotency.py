@@ -348,7 +348,7 @@ async def test_a_bad_idempotency_key_header_is_refused_and_nothing_published(
     subscriber = await subscribed_client(worker, channel)
     answer = await post(worker, channel, "refused", key)
     assert answer.status_code == 400, answer.text
-    assert answer.json()["error"] == "invalid_frame"
+    assert answer.json()["error"] == "invalid_request"
     assert "Idempotency-Key header must be 1 to 64 visible ASCII" in answer.json()["message"]
     assert await messages_until_marker(worker, subscriber, channel) == []
     await subscriber.close()
@@ -363,7 +363,7 @@ async def test_two_idempotency_key_headers_are_refused(worker: Worker) -> None:
         )
     assert answer.status_code == 400, answer.text
     assert answer.json() == {
-        "error": "invalid_frame",
+        "error": "invalid_request",
         "message": "more than one Idempotency-Key header",
     }
 

@@ -994,3 +994,21 @@ def test_the_api_description_is_served_only_with_auth_off(fleet: Fleet) -> None:
     for path in ("/openapi.json", "/docs"):
         assert httpx.get(fleet.secure.http + path, timeout=5).status_code == 404
         assert httpx.get(fleet.devmode.http + path, timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("make_token", "reason"),
+    [pytest.param(make, reason, id=name) for name, make, reason in BAD_TOKENS],
+)
+async def test_a_refused_handshake_says_why_in_its_body(
+    fleet: Fleet, make_token: Callable[[], str | None], reason: str
+) -> None:
+    # A client that can read the 403 (not a browser) learns why, without the worker's
+    # log; the Python client puts it in its close reason.
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(fleet.secure, make_token())
+    response = refused.value.response
+    assert response.status_code == 403
+    body = json.loads(response.body)
+    assert body["error"] == "forbidden"
+    assert reason in body["message"]
