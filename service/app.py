@@ -25,6 +25,7 @@ from service.metrics import Metrics
 from service.outbox import OutboxLimits
 from service.protocol.codes import ErrorCode
 from service.protocol.commands import Limits
+from service.risks import open_doors
 from service.runtime import Runtime
 from service.settings import SETTINGS_ENV_VAR, Settings
 
@@ -68,7 +69,8 @@ def create_app(settings: Settings) -> ws.WebSocketEndpoints:
                 api_keys=ApiKeys(settings.api_keys),
                 slots=ConnectionSlots(settings.max_connections),
             )
-            _warn_about_open_doors(settings)
+            for door in open_doors(settings):
+                logger.warning("%s", door)
             if settings.fast_adapters:
                 adapter_ready()  # checked now rather than at the first connection
             else:
@@ -154,23 +156,6 @@ def create_app(settings: Settings) -> ws.WebSocketEndpoints:
         )
 
     return ws.WebSocketEndpoints(app)
-
-
-def _warn_about_open_doors(settings: Settings) -> None:
-    if not settings.auth_enabled:
-        logger.warning(
-            "AUTH IS OFF: no JWT_SECRET, JWT_PUBLIC_KEY_FILE or API_KEYS is set, so anyone "
-            "may subscribe and publish to any channel, over WebSocket and HTTP. Fine for "
-            "development; set them before exposing this service (docs/security.md)."
-        )
-        return
-    if not settings.api_keys:
-        logger.warning("no API_KEYS set: the HTTP API (publish, history) refuses every request")
-    if not settings.jwt_enabled:
-        logger.warning(
-            "no JWT_SECRET or JWT_PUBLIC_KEY_FILE set: WebSocket clients get only the "
-            "ANONYMOUS_* channels, and tokens are refused"
-        )
 
 
 def create_app_from_environment() -> ws.WebSocketEndpoints:

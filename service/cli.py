@@ -10,11 +10,11 @@ current directory), through `service.__main__.parse_settings`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from service.auth.tokens import Authenticator, InvalidToken, mint
+from service.risks import risks
 from service.settings import Settings
 
 COMMANDS = ("token", "check")
@@ -135,7 +135,7 @@ def check_command(argv: list[str]) -> None:
         )
         return
     settings = _settings(argv)
-    warnings = findings(settings)
+    warnings = risks(settings)
     workers = f"{settings.workers} worker{'s' if settings.workers > 1 else ''}"
     auth = "on" if settings.auth_enabled else "OFF"
     print(f"settings are valid: backend {settings.redacted_url()}, {workers}, auth {auth}")
@@ -145,46 +145,3 @@ def check_command(argv: list[str]) -> None:
         print("no warnings")
     if warnings and strict:
         sys.exit(EXIT_RISKY)
-
-
-def findings(settings: Settings) -> list[str]:
-    """What is risky about valid `settings`: the worker's own start-up warnings, and more."""
-    # The warnings a worker logs when it starts (service/app.py), caught rather than copied.
-    from service import app
-
-    caught: list[str] = []
-
-    class _Catch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                caught.append(record.getMessage())
-
-    handler = _Catch()
-    logger = logging.getLogger(app.__name__)
-    propagate = logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        app._warn_about_open_doors(settings)
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-    if "*" in settings.allowed_origins:
-        caught.append(
-            'ALLOWED_ORIGINS=["*"]: pages of any site may open WebSockets here with the '
-            "visitor's cookies (a `token` cookie included); list your sites' origins instead"
-        )
-    if settings.auth_enabled and settings.anonymous_publish:
-        caught.append(
-            f"ANONYMOUS_PUBLISH={settings.anonymous_publish}: anyone, with no token, may "
-            "publish to these channels"
-        )
-    if settings.auth_enabled and "*" in settings.anonymous_subscribe:
-        caught.append(
-            'ANONYMOUS_SUBSCRIBE contains "*": anyone, with no token, may read every channel'
-        )
-    if not settings.auth_enabled and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        caught.append(
-            f"HOST={settings.host} with auth off: other machines may reach this open service"
-        )
-    return caught
