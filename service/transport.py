@@ -29,10 +29,10 @@ class TextReader(Protocol):
 class Transport:
     """The public path: every frame through the ASGI `send`, one at a time."""
 
-    __slots__ = ("_send",)
+    __slots__ = ("_asgi_send",)
 
     def __init__(self, send: Send) -> None:
-        self._send = send
+        self._asgi_send = send
 
     def write_now(self, frame: str) -> bool:
         """Write `frame` at once if the socket takes it without waiting; False: queue it.
@@ -48,7 +48,7 @@ class Transport:
         client that does not read stays counted against the outbox's limits. Raises what
         `send` raises for a client that is gone or a connection that is closed.
         """
-        send = self._send
+        send = self._asgi_send
         sent = 0
         while outbox:
             await send({"type": "websocket.send", "text": outbox.pop()})

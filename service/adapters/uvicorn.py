@@ -596,7 +596,7 @@ class DirectTransport(BoundedTransport):
             elif not protocol.writable.is_set() and not protocol.disconnected:
                 await protocol.writable.wait()  # set again on resume or on loss
             else:
-                await self._send({"type": "websocket.send", "text": outbox.pop()})
+                await self._asgi_send({"type": "websocket.send", "text": outbox.pop()})
                 sent += 1
         return sent
 

@@ -178,7 +178,7 @@ class RedisBackend(BroadcastBackend):
         key = self.key(channel)
         self._wanted[channel] = asyncio.Event()
         self._names[key] = channel
-        await self._send("SUBSCRIBE", key, channel=channel)
+        await self._command("SUBSCRIBE", key, channel=channel)
 
     async def unsubscribe(self, channel: str) -> None:
         """Stop wanting `channel`."""
@@ -188,7 +188,7 @@ class RedisBackend(BroadcastBackend):
         self._gaps.discard(channel)
         key = self.key(channel)
         self._names.pop(key, None)
-        await self._send("UNSUBSCRIBE", key)
+        await self._command("UNSUBSCRIBE", key)
 
     async def publish(self, channel: str, message: Any) -> None:
         """PUBLISH a ready frame (used for join/leave events, which carry no id)."""
@@ -303,7 +303,7 @@ class RedisBackend(BroadcastBackend):
 
     # -- the reader ---------------------------------------------------------------------
 
-    async def _send(self, *args: bytes | str, channel: str | None = None) -> None:
+    async def _command(self, *args: bytes | str, channel: str | None = None) -> None:
         conn = self._conn
         # Only write on a live connection: `send_command` would otherwise reconnect it
         # from this task, behind the reader's back.
