@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from functools import partial
 
 import orjson
 from redis.asyncio import Redis
@@ -21,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service.broker.redis_history import RedisHistory
-from service.broker.redis_pipe import ScriptPipe
+from service.broker.redis_pipe import ScriptPipe, settle
 
 CHANNEL = "chat:lobby"
 SIZES = (16, 128, 1024)  # bytes of `data` (a JSON string)
@@ -64,11 +65,9 @@ async def measure(redis: Redis, size: int, count: int) -> tuple[int, int]:
     )
     data = orjson.dumps("x" * (size - 2))
     for _ in range(count):
-        done: asyncio.Future[str | Exception] = asyncio.get_running_loop().create_future()
-        history.publish_now(CHANNEL, data, done.set_result)
-        outcome = await done
-        if isinstance(outcome, Exception):
-            raise outcome
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        history.publish_now(CHANNEL, data, partial(settle, done))
+        await done
     for made in pipes:
         await made.close()
     stream = await redis.memory_usage(f"bench:history:{{{CHANNEL}}}", samples=0) or 0

@@ -26,6 +26,7 @@ from broadcaster import Broadcast, Event
 from service.broker.history import HistoryRead, MemoryHistory, Position, Replayed, position_of
 from service.broker.redis_backend import RedisBackend
 from service.broker.redis_history import Published, RedisHistory, publish_token_ttl
+from service.broker.redis_pipe import settle
 from service.broker.sink import ChannelSink
 from service.errors import BrokerUnavailable
 from service.protocol.frames import message_head
@@ -164,12 +165,9 @@ class Broker:
         `OutcomeUnknown` when Redis may have published it (retry with a key then).
         """
         # `publish_now`, waited for: one way to publish.
-        done: asyncio.Future[str | Exception] = asyncio.get_running_loop().create_future()
-        self._history.publish_now(channel, data, partial(_settle, done), key)
-        outcome = await done
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._history.publish_now(channel, data, partial(settle, done), key)
+        return await done
 
     def publish_now(
         self, channel: str, data: bytes, done: Published, key: str | None = None
@@ -257,9 +255,3 @@ async def _relay(subscriber: AsyncIterable[Event | None], channel: str, sink: Ch
         if event is not None:
             frame = event.message
             sink.message(position_of(frame, head), frame)
-
-
-def _settle(done: asyncio.Future[str | Exception], outcome: str | Exception) -> None:
-    """Hand a publish's outcome to whoever awaits it (nobody, if it was cancelled)."""
-    if not done.done():
-        done.set_result(outcome)

@@ -279,7 +279,7 @@ class ScriptPipe:
         and its outcome is dropped.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.start(keys, args, partial(_settle, future))
+        self.start(keys, args, partial(settle, future))
         return await future
 
     def start(self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply) -> None:
@@ -439,8 +439,11 @@ class ScriptPipe:
         return link
 
 
-def _settle(future: asyncio.Future[Any], reply: Any) -> None:
-    """`__call__`'s callback: the reply, or the exception, into its future."""
+def settle(future: asyncio.Future[Any], reply: Any) -> None:
+    """A callback's outcome into `future`: a reply as its result, an exception raised.
+
+    What awaits a call made with a callback (`__call__`, `Broker.publish`) gives it this.
+    """
     # A caller that was cancelled left its future behind: its outcome is dropped.
     if future.done():
         return
