@@ -34,3 +34,11 @@ def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
     worker.start()
     yield worker
     worker.stop()
+
+
+@pytest.fixture(params=[True, False], ids=["tap", "public"])
+def fast(request: pytest.FixtureRequest) -> bool:
+    """Both readers of a Redis connection (service/broker/replies.py): the fast tap and
+    the public fallback, for the tests that build pipes, taps and backends themselves."""
+    value: bool = request.param
+    return value

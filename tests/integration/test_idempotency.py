@@ -431,13 +431,6 @@ async def test_the_browser_client_sends_the_idempotency_key_it_is_given(worker: 
 _COUNT = "return redis.call('INCR', KEYS[1])"
 
 
-@pytest.fixture(params=[True, False], ids=["tap", "public"])
-def fast(request: pytest.FixtureRequest) -> bool:
-    """Both readers of the pipe's connection (service/broker/replies.py)."""
-    value: bool = request.param
-    return value
-
-
 @asynccontextmanager
 async def counting_pipe(
     port: int, *, fast: bool, timeout: float = 0.5 * UNIT

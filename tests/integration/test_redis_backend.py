@@ -18,13 +18,6 @@ from service.protocol.frames import message_head
 from tests.helpers import UNIT, RedisServer, async_wait_for, unique
 
 
-@pytest.fixture(params=[True, False], ids=["tap", "public"])
-def fast(request: pytest.FixtureRequest) -> bool:
-    """Both readers of the backend's connections: the fast tap and the public fallback."""
-    value: bool = request.param
-    return value
-
-
 def new_backend(server: RedisServer, prefix: str, *, fast: bool, **watchdog: float) -> RedisBackend:
     """A backend on `server`, with the pub/sub watchdog's timings overridable."""
     timings = {"ping_interval": 1.0, "ping_timeout": 3.0, **watchdog}

@@ -34,13 +34,6 @@ from tests.helpers import UNIT, RedisProxy, RedisServer, async_wait_for, unique
 _COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1]}"
 
 
-@pytest.fixture(params=[True, False], ids=["tap", "public"])
-def fast(request: pytest.FixtureRequest) -> bool:
-    """Both readers of the pipe's connection: the fast tap and the public fallback."""
-    value: bool = request.param
-    return value
-
-
 @asynccontextmanager
 async def counting_pipe(
     port: int, *, fast: bool, timeout: float = 5.0, retries: int = 2

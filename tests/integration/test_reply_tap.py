@@ -44,13 +44,6 @@ def _checked_anew(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replies_module, "_verdict", None)
 
 
-@pytest.fixture(params=[True, False], ids=["tap", "public"])
-def fast(request: pytest.FixtureRequest) -> bool:
-    """Both readers: the fast tap and the public fallback."""
-    value: bool = request.param
-    return value
-
-
 def _reader(
     conn: AbstractConnection,
     on_reply: Callable[[Any], None],
