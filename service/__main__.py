@@ -9,13 +9,15 @@ import sys
 from typing import Any
 
 import uvicorn
-from pydantic import ValidationError
-from pydantic_settings import CliApp, SettingsError
 from uvicorn.config import LOGGING_CONFIG
 
 from service import cli
 from service.adapters import uvicorn as uvicorn_adapter
-from service.broker import check_redis_url
+
+# Also named here for bench/worker.py and bench/floor.py, which run older checkouts'
+# `service` too (`scripts/bench --compare`), where these lived in this module.
+from service.command_line import check_backend as check_backend
+from service.command_line import parse_settings as parse_settings
 from service.settings import SETTINGS_ENV_VAR, Settings
 
 APP_FACTORY = "service.app:create_app_from_environment"
@@ -64,29 +66,6 @@ def _log_config(settings: Settings) -> dict[str, Any]:
         "propagate": False,
     }
     return config
-
-
-def parse_settings(argv: list[str]) -> Settings:
-    """Settings from flags, environment and .env; exits with a readable message if invalid."""
-    try:
-        return CliApp.run(Settings, cli_args=argv)
-    except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        ]
-        sys.exit("error: invalid settings\n" + "\n".join(lines))
-    except SettingsError as exc:
-        sys.exit(f"error: {exc}")
-
-
-def check_backend(settings: Settings) -> None:
-    """Exit with a readable message if redis-py cannot use `broadcast_url`."""
-    if settings.backend_scheme == "memory":
-        return
-    try:
-        check_redis_url(settings.broadcast_url)
-    except ValueError as exc:
-        sys.exit(f"error: invalid settings\n  broadcast_url: {exc}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """`python -m service token` and `python -m service check`: development helpers.
 
 Both read the settings exactly as the server does (flags, environment, `.env` in the
-current directory), through `service.__main__.parse_settings`.
+current directory), through `service.command_line.parse_settings`.
 
     token   prints a JWT the service accepts, signed with the configured key
     check   says what is wrong (exit 1) or risky (printed; exit 0, or 3 with --strict)
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from service.auth.tokens import Authenticator, InvalidToken, mint
+from service.command_line import check_backend, parse_settings
 from service.risks import risks
 from service.settings import Settings
 
@@ -34,9 +35,6 @@ def main(command: str, argv: list[str]) -> None:
 
 
 def _settings(argv: list[str]) -> Settings:
-    # Imported here: `service.__main__` imports this module to dispatch.
-    from service.__main__ import check_backend, parse_settings
-
     settings = parse_settings(argv)
     check_backend(settings)
     return settings
