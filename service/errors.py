@@ -4,12 +4,18 @@ ServiceError
  ├── ProtocolError        -> `error` frame with its code (HTTP 400/413; its `invalid_frame`
  │                          is `invalid_request` over HTTP); connection carries on
  ├── Unauthorized         -> HTTP 401 (the HTTP API's key)
+ ├── Refused              -> `error` frame with the app's own code (a hook said no); at the
+ │                          handshake, HTTP 403 with it
+ ├── HookUnavailable      -> `error` frame `unavailable` / HTTP 503: the app's hook did not
+ │                          answer; nothing was done
  └── BrokerUnavailable    -> `error` frame `unavailable` / HTTP 503: nothing was done; retry later
       └── OutcomeUnknown  -> `error` frame `outcome_unknown` / HTTP 504: a publish may or may
                              not have been published; retry it with the same idempotency key
 """
 
 from __future__ import annotations
+
+import re
 
 from service.protocol.codes import ErrorCode
 
@@ -26,6 +32,10 @@ class ServiceError(Exception):
         self.message = message
         self.ref = ref
 
+    def wire_code(self) -> str:
+        """The `code` the client is told."""
+        return self.code.value
+
 
 class ProtocolError(ServiceError):
     """A client sent something the protocol does not accept."""
@@ -39,6 +49,38 @@ class Unauthorized(ServiceError):
     """The HTTP API was called without a valid API key (HTTP 401)."""
 
     code = ErrorCode.UNAUTHORIZED
+
+
+_APP_CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+class Refused(ServiceError):
+    """Raised by the app's hook to say no; the client sees `code` and `message`.
+
+    `code` is the app's own (lower-case letters, digits and `_`, up to 40), such as
+    `"banned_word"`; metrics count every refusal under `forbidden`.
+    """
+
+    code = ErrorCode.FORBIDDEN
+
+    def __init__(self, message: str, code: str = "forbidden") -> None:
+        if not _APP_CODE.fullmatch(code):
+            raise ValueError(
+                f"Refused code {code!r}: use 1 to 40 lower-case letters, digits and _, "
+                "starting with a letter"
+            )
+        super().__init__(message)
+        self.app_code = code
+
+    def wire_code(self) -> str:
+        """The app's own code."""
+        return self.app_code
+
+
+class HookUnavailable(ServiceError):
+    """The app's hook failed or did not answer in time: what was asked was not done."""
+
+    code = ErrorCode.UNAVAILABLE
 
 
 class BrokerUnavailable(ServiceError):

@@ -32,6 +32,7 @@ class Metrics:
         # and what each part bought", no. 5).
         self.published_ws = 0
         self.published_http = 0
+        self.published_app = 0  # `Realtime.publish`, from the embedding app's own code
         self.deliveries = 0
         self.frames_direct = 0
         self.frames_queued = 0
@@ -74,7 +75,11 @@ class _Counts(Collector):
             "broadcast_messages_published",
             "Messages published through this worker.",
             "via",
-            {"ws": metrics.published_ws, "http": metrics.published_http},
+            {
+                "ws": metrics.published_ws,
+                "http": metrics.published_http,
+                "app": metrics.published_app,
+            },
         )
         yield CounterMetricFamily(
             "broadcast_deliveries",

@@ -7,8 +7,19 @@ from service.settings import Settings
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def open_doors(settings: Settings) -> list[str]:
-    """What a worker warns about when it starts: auth off, or half of it missing."""
+def open_doors(settings: Settings, *, own_identity: bool = False) -> list[str]:
+    """What a worker warns about when it starts: auth off, or half of it missing.
+
+    `own_identity`: embedded in an app that identifies WebSocket clients itself, where
+    only the HTTP API still depends on these settings.
+    """
+    if own_identity:
+        if settings.auth_enabled:
+            return []
+        return [
+            "no API_KEYS set: the router's HTTP API (publish, history) is open to anyone "
+            "who can reach it; set API_KEYS, or keep it off the public network"
+        ]
     if not settings.auth_enabled:
         return [
             "AUTH IS OFF: no JWT_SECRET, JWT_PUBLIC_KEY_FILE or API_KEYS is set, so anyone "

@@ -15,12 +15,21 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
 
+import orjson
 from starlette.websockets import WebSocket
 
 from service.auth import InvalidToken, Principal
 from service.channels import validate_channel
 from service.connection import Connection
-from service.errors import BrokerUnavailable, ProtocolError, Ref, ServiceError
+from service.errors import (
+    BrokerUnavailable,
+    HookUnavailable,
+    ProtocolError,
+    Ref,
+    Refused,
+    ServiceError,
+)
+from service.hooks import PublishHook, ask
 from service.hub import Joined
 from service.limits import PublishLimiter, TokenBucket
 from service.protocol import frames
@@ -96,7 +105,7 @@ class _ChannelSession:
         if self.connection.closing:
             return
         self._rt.metrics.protocol_errors.labels(error.code.value).inc()
-        self.connection.deliver(frames.error(error.code, error.message, error.ref))
+        self.connection.deliver(frames.error(error.wire_code(), error.message, error.ref))
 
     def handle_text(self, text: str) -> Awaitable[None] | None:
         """Act on one text message (the subclass's commands)."""
@@ -187,9 +196,33 @@ class _ChannelSession:
 
     def _publish(
         self, channel: str, data: bytes, ref: Ref | None, key: str | None, *, ack: bool
-    ) -> asyncio.Future[None]:
-        """Publish; the returned future is done once Redis answered (the next waits)."""
+    ) -> Awaitable[None]:
+        """Publish; what is returned is done once Redis answered (the next waits)."""
         self._may_publish(channel, ref)
+        hook = self._rt.hooks.publish_hook(channel)
+        if hook is not None:
+            return self._answering(self._publish_hooked(hook, channel, data, ref, key, ack))
+        return self._publish_now(channel, data, ref, key, ack)
+
+    async def _publish_hooked(
+        self,
+        hook: PublishHook,
+        channel: str,
+        data: bytes,
+        ref: Ref | None,
+        key: str | None,
+        ack: bool,
+    ) -> None:
+        value = await ask(
+            self._rt.hooks, "publish", hook(self._principal, channel, orjson.loads(data)), ref
+        )
+        await self._publish_now(
+            channel, encode_json_value(value, self._rt.limits, "data", ref), ref, key, ack
+        )
+
+    def _publish_now(
+        self, channel: str, data: bytes, ref: Ref | None, key: str | None, ack: bool
+    ) -> asyncio.Future[None]:
         done = asyncio.get_running_loop().create_future()
         self._rt.broker.publish_now(
             channel, data, partial(self._published, done, channel, ref, ack), key
@@ -275,6 +308,9 @@ class Session(_ChannelSession):
                 ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}", ref=ref
             )
         self._may_subscribe(channel, ref)
+        hook = self._rt.hooks.subscribe_hook(channel)
+        if hook is not None:
+            await ask(self._rt.hooks, "subscribe", hook(self._principal, channel), ref)
 
         def reply(joined: Joined) -> None:
             # Called by the hub just before the channel's first frame can be queued.
@@ -347,8 +383,11 @@ class SimpleSession(_ChannelSession):
         try:
             validate_channel(self._channel, self._rt.limits.max_channel_length)
             self._may_subscribe(self._channel, None)
+            hook = self._rt.hooks.subscribe_hook(self._channel)
+            if hook is not None:
+                await ask(self._rt.hooks, "subscribe", hook(self._principal, self._channel))
             await self._join(self._channel, None)
-        except ProtocolError as exc:
+        except (ProtocolError, Refused) as exc:
             self.send_error(exc)
             forbidden = exc.code is ErrorCode.FORBIDDEN
             self.close(
@@ -358,6 +397,9 @@ class SimpleSession(_ChannelSession):
         except BrokerUnavailable as exc:
             self.send_error(exc)
             self.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable, retry later")
+        except HookUnavailable as exc:
+            self.send_error(exc)
+            self.close(CloseCode.TRY_AGAIN_LATER, "the app's hook is unavailable, retry later")
         await super().run()
 
     def handle_text(self, text: str) -> Awaitable[None] | None:

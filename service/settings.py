@@ -295,6 +295,41 @@ class Settings(BaseSettings):
             "as many refusals again without slowing down close it with 1008."
         ),
     )
+    hook_connect_url: str | None = Field(
+        None,
+        description=(
+            "URL of the app's backend that each WebSocket connection is POSTed to before it "
+            "is accepted; its answer may refuse it (docs/hooks.md). Empty: no connect hook."
+        ),
+    )
+    hook_subscribe_urls: dict[str, str] = Field(
+        {},
+        description=(
+            'JSON object {"channel pattern": "URL"}: subscribes to matching channels are '
+            "POSTed to the first URL whose pattern matches, which may refuse them."
+        ),
+    )
+    hook_publish_urls: dict[str, str] = Field(
+        {},
+        description=(
+            'JSON object {"channel pattern": "URL"}: publishes from WebSocket clients to '
+            "matching channels are POSTed to that URL, which may refuse them or change data."
+        ),
+    )
+    hook_timeout: PositiveFloat = Field(
+        2.0,
+        description="Seconds a hook has to answer; then the client gets `unavailable`.",
+    )
+    hook_max_in_flight: PositiveInt = Field(
+        100,
+        description=(
+            "Hook calls a worker has waiting at once; more get `unavailable` at once rather "
+            "than pile up behind a slow backend."
+        ),
+    )
+    hook_api_key: SecretStr | None = Field(
+        None, description="Sent as the X-API-Key header of every hook call, if set."
+    )
     log_level: LogLevel = Field("info", description="Log level.")
     demo_page: bool = Field(True, description="Serve the demo chat page at /.")
     forwarded_allow_ips: str = Field(
@@ -327,12 +362,34 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "jwt_secret", "jwt_public_key_file", "jwt_audience", "jwt_issuer", mode="before"
+        "jwt_secret",
+        "jwt_public_key_file",
+        "jwt_audience",
+        "jwt_issuer",
+        "hook_connect_url",
+        "hook_api_key",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `JWT_SECRET=` in a .env file means "no secret", not an empty one.
         return None if value == "" else value
+
+    @field_validator("hook_connect_url")
+    @classmethod
+    def _check_hook_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_http_url("HOOK_CONNECT_URL", value)
+        return value
+
+    @field_validator("hook_subscribe_urls", "hook_publish_urls")
+    @classmethod
+    def _check_hook_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern, url in value.items():
+            if not pattern:
+                raise ValueError("a hook's channel pattern must not be empty (use * for all)")
+            _check_http_url(f"the hook URL for {pattern!r}", url)
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
@@ -406,8 +463,12 @@ class Settings(BaseSettings):
         `model_dump_json` would mask them, and the workers would verify with "**********".
         """
         data = self.model_dump(mode="json")
-        data["jwt_secret"] = self.jwt_secret and self.jwt_secret.get_secret_value()
-        data["api_keys"] = [key.get_secret_value() for key in self.api_keys]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                data[name] = value.get_secret_value()
+            elif isinstance(value, list) and value and isinstance(value[0], SecretStr):
+                data[name] = [item.get_secret_value() for item in value]
         return json.dumps(data)
 
     @property
@@ -436,6 +497,12 @@ class Settings(BaseSettings):
             return self.broadcast_url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         return parts._replace(netloc=netloc).geturl()
+
+
+def _check_http_url(what: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an http:// or https:// URL with a host, got {url!r}")
 
 
 def worker_name(configured: str) -> str:

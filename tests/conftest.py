@@ -80,8 +80,11 @@ def make_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         start: bool = True,
         host: str = "127.0.0.1",
         port: int | None = None,
+        program: list[str] | None = None,
     ) -> Worker:
-        worker = Worker(tmp_path / "workers", list(args), env, host=host, port=port)
+        worker = Worker(
+            tmp_path / "workers", list(args), env, host=host, port=port, program=program
+        )
         workers.append(worker)
         if start:
             worker.start()

@@ -200,7 +200,10 @@ class Worker:
         *,
         host: str = "127.0.0.1",
         port: int | None = None,
+        program: list[str] | None = None,
     ) -> None:
+        #: What runs: `python -m service` unless a test runs an app of its own on uvicorn.
+        self.program = program or [sys.executable, "-m", "service"]
         self.host = host
         self.port = port or free_port()
         self.workdir = workdir
@@ -226,7 +229,7 @@ class Worker:
             # Started from an empty directory so that no developer's .env leaks in.
             self.process = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "service"),
+                    *self.program,
                     *("--host", self.host, "--port", str(self.port)),
                     *self.args,
                 ],

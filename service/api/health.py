@@ -11,8 +11,9 @@ from pydantic import BaseModel
 from typing_extensions import TypedDict
 
 from service.api.deps import RuntimeDep
+from service.api.errors import ErrorRoute
 
-router = APIRouter()
+router = APIRouter(route_class=ErrorRoute)
 
 
 class Health(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Annotated, Any, NotRequired, ParamSpec, TypeVar
 
 import orjson
@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 from typing_extensions import TypedDict
 
 from service.api.deps import RuntimeDep, require_api_key
+from service.api.errors import ErrorRoute
 from service.broker import HistoryRead, Position, Replayed
 from service.channels import validate_channel
 from service.errors import ProtocolError
@@ -77,6 +78,7 @@ _UNAVAILABLE = _error(
 # Backends only: every route needs one of API_KEYS (when auth is on).
 router = APIRouter(
     prefix="/api",
+    route_class=ErrorRoute,
     dependencies=[Depends(require_api_key)],
     responses={401: _UNAUTHORIZED, 503: _UNAVAILABLE},
 )
@@ -247,23 +249,6 @@ def _as_http(check: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if exc.code is ErrorCode.INVALID_FRAME:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, exc.message) from None
         raise
-
-
-def validation_error_message(errors: Sequence[Any]) -> str:
-    """One line for FastAPI's validation errors, such as a `limit` that is not a number."""
-    parts = []
-    for error in errors:
-        location = [str(part) for part in error.get("loc", ())]
-        if len(location) > 1 and location[0] in ("query", "header", "path", "cookie"):
-            where = f"{location[0]} parameter {' '.join(location[1:])}"
-        else:
-            where = " ".join(location) or "request"
-        text = f"{where}: {error.get('msg', 'invalid')}"
-        if "input" in error and isinstance(error["input"], str | int | float):
-            given = repr(error["input"])
-            text += f", got {given if len(given) <= 40 else given[:37] + '...'}"
-        parts.append(text)
-    return "; ".join(parts) or "invalid request"
 
 
 def drop_validation_errors_from_openapi(app: FastAPI) -> None:

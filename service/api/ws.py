@@ -1,52 +1,130 @@
 """WebSocket endpoints: `/ws` (protocol v1) and `/ws/{channel}` (simple mode).
 
-Served by a small ASGI app in front of the FastAPI app rather than as FastAPI routes:
-the middleware, routing and dependency machinery (exit stacks, exception wrappers,
-solved parameters) would stay alive for as long as a WebSocket does, and an idle
-connection's every byte counts (docs/performance.md, "What changed, and what each part
-bought", no. 2). The checks are the same: the Origin, then a token from the
-`Authorization: Bearer` header, the `token` query parameter or the `token` cookie; a
-refusal closes before `accept`, which is an HTTP 403. Anything else, the lifespan
-included, goes to the FastAPI app.
+`serve` is the one way a WebSocket is served: the Origin, then who the client is (its
+token, or the app's own dependency), the app's connect hook, a connection slot, then
+the session. A refusal before `accept` is an HTTP answer (403, or 503 when a hook is
+unavailable) whose body says why.
+
+Standalone, `WebSocketEndpoints` calls it in front of the FastAPI app rather than as
+a route: the middleware, routing and dependency machinery would stay alive for as long
+as a WebSocket does, and an idle connection's every byte counts (docs/performance.md,
+"What changed, and what each part bought", no. 2). Embedded, `websocket_routes` makes
+plain Starlette routes of it for `Realtime.router`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.datastructures import Headers, QueryParams
-from starlette.requests import cookie_parser
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
+from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from service.adapters.uvicorn import transport_for
-from service.auth import InvalidToken, Principal, origin_allowed
+from service.api.deps import NotStarted, runtime_of
+from service.api.identity import HandshakeRefused, Identify, Receive, Scope, Send
+from service.auth import Principal, origin_allowed
+from service.errors import HookUnavailable, Refused
+from service.hooks import ask
 from service.protocol import frames
-from service.protocol.codes import CloseCode, ErrorCode
+from service.protocol.codes import CloseCode
 from service.runtime import Runtime
 from service.session import Session, SimpleSession
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
+
+async def serve(
+    scope: Scope, receive: Receive, send: Send, channel: str | None, identify: Identify
+) -> None:
+    """Serve one WebSocket: `channel` None for protocol v1, else simple mode on it."""
+    websocket = WebSocket(scope, receive, send)
+    try:
+        runtime = runtime_of(scope)
+        principal = await _admit(scope, receive, send, runtime, identify)
+    except HandshakeRefused as exc:
+        # The reason is logged, never the token.
+        logger.info("WebSocket refused: %s", exc.reason)
+        await _refuse(websocket, exc.status, exc.code, f"WebSocket refused: {exc.reason}")
+        return
+    except NotStarted as exc:
+        logger.error("%s", exc.message)
+        await _refuse(websocket, 500, exc.code.value, exc.message)
+        return
+    if principal is None:
+        return  # the app's dependency answered the handshake itself
+    if not await _take_slot(websocket, runtime):
+        return
+    try:
+        # uvicorn's own `send`, which the adapter may write through directly.
+        transport = transport_for(send, fast=runtime.settings.fast_adapters)
+        if channel is None:
+            # Protocol v1: the client subscribes, unsubscribes and publishes.
+            session: Session | SimpleSession = Session(websocket, transport, runtime, principal)
+            session.deliver(frames.welcome(runtime.worker_id))
+        else:
+            # Simple mode: subscribed to `channel`; each text frame is published to it.
+            session = SimpleSession(websocket, transport, runtime, principal, channel)
+        await session.run()
+    finally:
+        runtime.slots.release()
 
 
-class HandshakeRefused(Exception):
-    """The WebSocket may not be opened; `reason` goes into the log and the close."""
+async def _admit(
+    scope: Scope, receive: Receive, send: Send, runtime: Runtime, identify: Identify
+) -> Principal | None:
+    """The client's `Principal` (None: answered already), or `HandshakeRefused`."""
+    # Parsed here, not through `websocket.headers`, which would keep its parsed copy
+    # for the connection's whole life.
+    headers = Headers(scope=scope)
+    allowed = runtime.settings.allowed_origins
+    # Before anything that reads cookies: cross-site WebSocket hijacking.
+    if not origin_allowed(headers.get("origin"), headers.get("host"), allowed):
+        raise HandshakeRefused("origin not allowed")
+    principal = await identify(scope, receive, send, runtime)
+    hook = runtime.hooks.connect_hook()
+    if principal is not None and hook is not None:
+        try:
+            await ask(runtime.hooks, "connect", hook(principal))
+        except Refused as exc:
+            raise HandshakeRefused(exc.message, code=exc.wire_code()) from None
+        except HookUnavailable as exc:
+            raise HandshakeRefused(exc.message, status=503, code=exc.wire_code()) from None
+    return principal
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+
+async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Answer the handshake with `status` and `{"error": code, "message": message}`.
+
+    A server without ASGI's denial responses gets a close before `accept` instead,
+    which it answers with a bare 403.
+    """
+    if "websocket.http.response" not in websocket.scope.get("extensions", {}):
+        await websocket.close(CloseCode.POLICY_VIOLATION, message[:120])
+        return
+    body = {"error": code, "message": message}
+    await websocket.send_denial_response(JSONResponse(body, status_code=status))
+
+
+async def _take_slot(websocket: WebSocket, runtime: Runtime) -> bool:
+    """Accept the connection; if the worker is full, close it at once with 1013."""
+    await websocket.accept()
+    if runtime.slots.acquire():
+        return True
+    runtime.metrics.refused_connections.inc()
+    await websocket.close(CloseCode.TRY_AGAIN_LATER, "worker full: retry later")
+    return False
 
 
 class WebSocketEndpoints:
     """ASGI app: serves `/ws` and `/ws/{channel}`; everything else goes on to `app`."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, identify: Identify) -> None:
         self.app = app
+        self._identify = identify
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         """Serve the two WebSocket endpoints, pass anything else on."""
@@ -58,46 +136,33 @@ class WebSocketEndpoints:
         if path != "/ws" and not (channel and "/" not in channel):
             await self.app(scope, receive, send)  # FastAPI answers: no such route
             return
-        # One frame for the whole connection (it waits as long as the connection lives):
-        # the handshake, then the session.
-        runtime: Runtime = self.app.state.runtime
-        websocket = WebSocket(scope, receive, send)
-        try:
-            principal = principal_of(websocket, runtime)
-        except HandshakeRefused as exc:
-            # Answered before `accept`: an HTTP 403 whose body says why, for clients that
-            # can read it (a browser cannot). The reason is logged, never the token.
-            logger.info("WebSocket refused: %s", exc.reason)
-            await _refuse(websocket, exc.reason)
-            return
-        if not await _take_slot(websocket, runtime):
-            return
-        try:
-            # uvicorn's own `send`, which the adapter may write through directly.
-            transport = transport_for(send, fast=runtime.settings.fast_adapters)
-            if channel is None:
-                # Protocol v1: the client subscribes, unsubscribes and publishes.
-                session: Session | SimpleSession = Session(websocket, transport, runtime, principal)
-                session.deliver(frames.welcome(runtime.worker_id))
-            else:
-                # Simple mode: subscribed to `channel`; each text frame is published to it.
-                session = SimpleSession(websocket, transport, runtime, principal, channel)
-            await session.run()
-        finally:
-            runtime.slots.release()
+        # One frame for the whole connection (it waits as long as the connection lives).
+        await serve(scope, receive, send, channel, self._identify)
 
 
-async def _refuse(websocket: WebSocket, reason: str) -> None:
-    """Answer the handshake with 403 and `{"error": "forbidden", "message": reason}`.
+class _Endpoint:
+    """An ASGI endpoint for a Starlette `WebSocketRoute`.
 
-    A server without ASGI's denial responses gets a close before `accept` instead,
-    which it answers with a bare 403.
+    A class: Starlette would take a function for a session function.
     """
-    if "websocket.http.response" not in websocket.scope.get("extensions", {}):
-        await websocket.close(CloseCode.POLICY_VIOLATION, reason)
-        return
-    body = {"error": ErrorCode.FORBIDDEN.value, "message": f"WebSocket refused: {reason}"}
-    await websocket.send_denial_response(JSONResponse(body, status_code=403))
+
+    def __init__(self, identify: Identify, *, simple: bool) -> None:
+        self._identify = identify
+        self._simple = simple
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        channel = scope["path_params"]["channel"] if self._simple else None
+        await serve(scope, receive, send, channel, self._identify)
+
+
+def websocket_routes(identify: Identify) -> list[WebSocketRoute]:
+    """`/ws` and `/ws/{channel}` as routes, for a router an app includes."""
+    return [
+        WebSocketRoute("/ws", _Endpoint(identify, simple=False), name="broadcast_ws"),
+        WebSocketRoute(
+            "/ws/{channel}", _Endpoint(identify, simple=True), name="broadcast_ws_channel"
+        ),
+    ]
 
 
 def _route_path(scope: Scope) -> str:
@@ -110,44 +175,3 @@ def _route_path(scope: Scope) -> str:
         return ""
     # `/w` is not the mount point of `/ws`: only a whole path segment is stripped.
     return path[len(root) :] if path[len(root)] == "/" else path
-
-
-def principal_of(websocket: WebSocket, runtime: Runtime) -> Principal:
-    """Who opens this WebSocket; raises `HandshakeRefused` if nobody may.
-
-    Checks the Origin first (cross-site WebSocket hijacking), then the token from the
-    `Authorization: Bearer` header, the `token` query parameter or the `token` cookie.
-    """
-    settings = runtime.settings
-    # Parsed here, not through `websocket.headers` and friends, which would keep their
-    # parsed copies for the connection's whole life.
-    scope = websocket.scope
-    headers = Headers(scope=scope)
-    if not origin_allowed(headers.get("origin"), headers.get("host"), settings.allowed_origins):
-        raise HandshakeRefused("origin not allowed")
-    bearer = None
-    authorization = headers.get("authorization")
-    if authorization is not None:
-        scheme, _, value = authorization.partition(" ")
-        # Other schemes are not ours: a browser resends cached Basic credentials to a site
-        # behind nginx's auth_basic, on WebSocket handshakes too.
-        if scheme.lower() == "bearer":
-            bearer = value.strip() or None
-    cookies: dict[str, str] = {}
-    for header in headers.getlist("cookie"):  # a client may split them over several
-        cookies.update(cookie_parser(header))
-    token = bearer or QueryParams(scope["query_string"]).get("token") or cookies.get("token")
-    try:
-        return runtime.authenticator.authenticate(token)
-    except InvalidToken as exc:
-        raise HandshakeRefused(exc.reason) from None
-
-
-async def _take_slot(websocket: WebSocket, runtime: Runtime) -> bool:
-    """Accept the connection; if the worker is full, close it at once with 1013."""
-    await websocket.accept()
-    if runtime.slots.acquire():
-        return True
-    runtime.metrics.refused_connections.inc()
-    await websocket.close(CloseCode.TRY_AGAIN_LATER, "worker full: retry later")
-    return False

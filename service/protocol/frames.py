@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 
 from service.errors import Ref
-from service.protocol.codes import ErrorCode
 
 PROTOCOL_VERSION = 1
 
@@ -104,6 +103,6 @@ def pong(ref: Ref | None) -> str:
     return _encode({"type": "pong"}, ref)
 
 
-def error(code: ErrorCode, message: str, ref: Ref | None = None) -> str:
-    """An `error` frame."""
-    return _encode({"type": "error", "code": code.value, "message": message}, ref)
+def error(code: str, message: str, ref: Ref | None = None) -> str:
+    """An `error` frame (`code`: an `ErrorCode`, or an app's own from a hook)."""
+    return _encode({"type": "error", "code": str(code), "message": message}, ref)

@@ -7,7 +7,9 @@
 //   client.subscribe("chat:lobby");
 //   client.connect();
 //
-// An ES module with no dependencies and no build step: it is served as is.
+// An ES module with no dependencies and no build step: it is served as is, and it is
+// also the npm package broadcast-service-client (package.json, client.d.ts beside it).
+// Under Node before 22, which has no global WebSocket, pass one: { WebSocket } from "ws".
 
 // 1005 and 1006 are never sent by a server: the browser reports them for a connection
 // that closed without a status or broke (a killed worker, a failed attempt).
@@ -22,6 +24,9 @@ const ABNORMAL_CLOSURE = 1006;
 // a token provider, a new connection (with a fresh token) is the cure.
 const POLICY_VIOLATION = 1008;
 const TOKEN_EXPIRED = "token expired";
+// WebSocket.OPEN in the standard and in ws: a literal, so that a WebSocket class given as
+// an option needs no static constants.
+const OPEN = 1;
 
 /** An Error with the protocol error code (or "not_connected", "connection_lost"). */
 function clientError(code, message) {
@@ -50,6 +55,7 @@ export class BroadcastClient extends EventTarget {
   #maxDelay;
   #openTimeout;
   #token; // a string, a function returning one (or a Promise of one), or undefined
+  #WebSocket; // the class each connection is made with
   #state = "closed";
   #worker = null;
   #running = false;
@@ -72,11 +78,32 @@ export class BroadcastClient extends EventTarget {
   /**
    * @param {string | string[]} urls one URL (a load balancer) or a list of workers
    * @param {{token?: string | (() => string | Promise<string>), minDelay?: number,
-   *   maxDelay?: number, openTimeout?: number}} options times in ms; `token` is a JWT or
-   *   a function called before every connection attempt, sent as `?token=`
+   *   maxDelay?: number, openTimeout?: number, WebSocket?: typeof WebSocket}} options times
+   *   in ms; `token` is a JWT or a function called before every connection attempt, sent
+   *   as `?token=`; `WebSocket` the class to connect with (default: the global one)
    */
-  constructor(urls, { token, minDelay = 250, maxDelay = 10000, openTimeout = 5000 } = {}) {
+  constructor(
+    urls,
+    {
+      token,
+      minDelay = 250,
+      maxDelay = 10000,
+      openTimeout = 5000,
+      WebSocket = globalThis.WebSocket,
+    } = {},
+  ) {
     super();
+    // Checked here rather than at the first connect(), which a timer runs, out of reach
+    // of the caller's try/catch (Node 20 has no global WebSocket without a flag).
+    if (typeof WebSocket !== "function") {
+      throw new TypeError(
+        WebSocket === undefined
+          ? "BroadcastClient needs a WebSocket class and this runtime has no global one " +
+              '(Node before 22): pass one as the WebSocket option, e.g. from the "ws" package'
+          : `the WebSocket option must be a WebSocket class, not ${typeof WebSocket}`,
+      );
+    }
+    this.#WebSocket = WebSocket;
     this.#urls = typeof urls === "string" ? [urls] : [...urls];
     if (this.#urls.length === 0) throw new TypeError("BroadcastClient needs at least one URL");
     for (const url of this.#urls) {
@@ -207,7 +234,7 @@ export class BroadcastClient extends EventTarget {
   }
 
   #send(frame) {
-    if (this.#socket?.readyState === WebSocket.OPEN) this.#socket.send(JSON.stringify(frame));
+    if (this.#socket?.readyState === OPEN) this.#socket.send(JSON.stringify(frame));
   }
 
   #open() {
@@ -238,7 +265,7 @@ export class BroadcastClient extends EventTarget {
   #dial(pending, url) {
     let socket;
     try {
-      socket = new WebSocket(url);
+      socket = new this.#WebSocket(url);
     } catch (error) {
       // Refused before any traffic (ws:// from an https page): a failed attempt like
       // any other, and the next URL may do better. Thrown on, it would kill the timer.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from service.api.http import validation_error_message
+from service.api.errors import validation_error_message
 from service.app import create_app
 from service.protocol.codes import ErrorCode
 from service.settings import Settings

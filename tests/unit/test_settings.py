@@ -121,3 +121,32 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{name.upper()}` |" in readme, f"{name.upper()} missing from README"
+
+
+def test_handover_keeps_every_secret_for_the_workers() -> None:
+    secret, key, hook_key = "s" * 40, "k" * 20, "h" * 20
+    settings = make(jwt_secret=secret, api_keys=[key], hook_api_key=hook_key)
+    handed = Settings.model_validate_json(settings.handover_json())
+    assert handed.jwt_secret is not None
+    assert handed.jwt_secret.get_secret_value() == secret
+    assert [k.get_secret_value() for k in handed.api_keys] == [key]
+    assert handed.hook_api_key is not None
+    assert handed.hook_api_key.get_secret_value() == hook_key
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"hook_connect_url": "ftp://backend/connect"},
+        {"hook_connect_url": "http:///no-host"},
+        {"hook_publish_urls": {"chat:*": "backend/publish"}},
+        {"hook_subscribe_urls": {"": "http://backend/subscribe"}},
+    ],
+)
+def test_hook_urls_must_be_http_urls_with_a_host(values: dict[str, object]) -> None:
+    with pytest.raises(ValidationError, match="hook"):
+        make(**values)
+
+
+def test_an_empty_hook_url_is_no_hook() -> None:
+    assert make(hook_connect_url="", hook_api_key="").hook_connect_url is None
