@@ -52,6 +52,7 @@ class Unauthorized(ServiceError):
 
 
 _APP_CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_RESERVED_CODES = frozenset(code.value for code in ErrorCode) - {ErrorCode.FORBIDDEN.value}
 
 
 class Refused(ServiceError):
@@ -69,6 +70,9 @@ class Refused(ServiceError):
                 f"Refused code {code!r}: use 1 to 40 lower-case letters, digits and _, "
                 "starting with a letter"
             )
+        if code in _RESERVED_CODES:
+            # Clients act on these (they retry `unavailable`, for one): not a refusal's.
+            raise ValueError(f"Refused code {code!r} is the service's own: choose another")
         super().__init__(message)
         self.app_code = code
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from pydantic import JsonValue
 
@@ -32,7 +32,8 @@ SubscribeHook = Callable[[Principal, str], Awaitable[None]]
 #: `await publish(client, channel, data)`: the data to publish (`data` itself to keep it).
 PublishHook = Callable[[Principal, str, JsonValue], Awaitable[JsonValue]]
 
-_DEFAULT_TIMEOUT = 5.0
+#: Seconds, as HOOK_TIMEOUT's default for the HTTP hooks.
+DEFAULT_TIMEOUT = 2.0
 
 T = TypeVar("T")
 
@@ -52,7 +53,7 @@ class Hooks:
         subscribe: SubscribeHook | None = None,
         publish: PublishHook | None = None,
         channels: Sequence[str] = ("*",),
-        timeout: float = _DEFAULT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if timeout <= 0:
             raise ValueError("Hooks timeout must be positive (seconds)")
@@ -78,7 +79,14 @@ class Hooks:
             return None
         return self._publish
 
+    async def start(self) -> None:
+        """Acquire what the hooks need while the service runs (nothing, in-process)."""
+
+    async def stop(self) -> None:
+        """Release what `start` acquired."""
+
     async def __aenter__(self) -> Self:
+        await self.start()
         return self
 
     async def __aexit__(
@@ -87,22 +95,33 @@ class Hooks:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        return None
+        await self.stop()
 
 
 #: No hooks: every action goes through as the settings and tokens allow.
 NO_HOOKS = Hooks()
 
 
-async def ask(hooks: Hooks, what: str, call: Awaitable[T], ref: Ref | None = None) -> T:
-    """Await a hook's `call`; what goes wrong becomes an error the client is told.
+async def ask(
+    hooks: Hooks,
+    what: str,
+    hook: Callable[..., Awaitable[T]],
+    args: tuple[Any, ...],
+    ref: Ref | None = None,
+) -> T:
+    """`await hook(*args)`; what goes wrong becomes an error the client is told.
 
-    `Refused` and our own errors pass through (with `ref`); a timeout or an exception
-    of the app's becomes `unavailable`, logged with its traceback.
+    `Refused` (anew, with `ref`: the app may raise one shared instance) and our own
+    errors pass through; a timeout, or anything else the hook raises (a bug of the app's,
+    or a hook that is not async), becomes `unavailable`, logged with its traceback.
     """
     try:
         async with asyncio.timeout(hooks.timeout):
-            return await call
+            return await hook(*args)
+    except Refused as exc:
+        refusal = Refused(exc.message, exc.wire_code())
+        refusal.ref = ref
+        raise refusal from None
     except ServiceError as exc:
         exc.ref = ref
         raise

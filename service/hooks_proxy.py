@@ -14,10 +14,12 @@ done, and the backend's trouble does not pile up in the worker.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 from collections.abc import Callable, Mapping
 from functools import partial
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import JsonValue
@@ -99,7 +101,7 @@ class ProxyHooks(Hooks):
         try:
             response = await self._client.post(url, json=body)
         except httpx.HTTPError as exc:
-            logger.warning("%s hook %s: %s", what, url, exc.__class__.__name__)
+            logger.warning("%s hook %s: %s", what, _shown(url), exc.__class__.__name__)
             raise HookUnavailable(
                 f"the app's {what} hook could not be reached: retry later"
             ) from None
@@ -107,22 +109,19 @@ class ProxyHooks(Hooks):
             self._in_flight -= 1
         return _answer(what, url, response)
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Open the pooled HTTP client the calls go through."""
         self._client = httpx.AsyncClient(
             headers=self._headers,
             timeout=self.timeout,
             limits=httpx.Limits(max_connections=self._max_in_flight),
             follow_redirects=False,
             trust_env=False,  # a proxy set for the shell must not carry the app's calls
+            verify=_tls_context(),
         )
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
+        """Close the HTTP client."""
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -142,6 +141,20 @@ def _first(rules: tuple[tuple[str, H], ...], channel: str) -> H | None:
     return None
 
 
+def _tls_context() -> ssl.SSLContext:
+    """The system's CAs, or SSL_CERT_FILE's (a backend with a private CA), as usual."""
+    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
+
+
+def _shown(url: str) -> str:
+    """`url` for the log: without a password, should one be in it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def _client(principal: Principal) -> dict[str, Any]:
     return {
         "subject": principal.subject,
@@ -153,7 +166,7 @@ def _client(principal: Principal) -> dict[str, Any]:
 def _answer(what: str, url: str, response: httpx.Response) -> Mapping[str, Any]:
     """The backend's answer as an object, or the error the client is told."""
     if response.status_code != 200:
-        logger.warning("%s hook %s answered %d", what, url, response.status_code)
+        logger.warning("%s hook %s answered %d", what, _shown(url), response.status_code)
         raise HookUnavailable(
             f"the app's {what} hook answered HTTP {response.status_code}: retry later"
         )
@@ -162,7 +175,7 @@ def _answer(what: str, url: str, response: httpx.Response) -> Mapping[str, Any]:
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        logger.warning("%s hook %s answered something other than a JSON object", what, url)
+        logger.warning("%s hook %s answered something other than a JSON object", what, _shown(url))
         raise HookUnavailable(f"the app's {what} hook answered nonsense: retry later")
     error = answer.get("error")
     if error is None:
@@ -172,5 +185,5 @@ def _answer(what: str, url: str, response: httpx.Response) -> Mapping[str, Any]:
     try:
         raise Refused(str(message or f"refused by the app's {what} hook"), str(code))
     except ValueError:
-        logger.warning("%s hook %s: unusable error code %r", what, url, code)
+        logger.warning("%s hook %s: unusable error code %r", what, _shown(url), code)
         raise Refused(str(message or f"refused by the app's {what} hook")) from None

@@ -28,6 +28,7 @@ from service.api import http
 from service.api.deps import STATE_KEY
 from service.api.identity import DependencyIdentity, Identify, token_identity
 from service.api.ws import websocket_routes
+from service.auth import IdentitySource
 from service.broker import Position, Readiness
 from service.channels import validate_channel
 from service.hooks import NO_HOOKS, Hooks
@@ -60,6 +61,11 @@ class History:
     recovered: bool | None = None
 
 
+_RUNNING = "broadcast_service_realtime"
+#: The most messages one history read returns, as over HTTP.
+MAX_HISTORY_LIMIT = 1000
+
+
 class Realtime:
     """The service's router, lifespan and in-process publish, for one FastAPI app.
 
@@ -79,7 +85,7 @@ class Realtime:
         self.settings = settings if settings is not None else Settings()
         #: The Prometheus metrics of this service (`metrics.registry`).
         self.metrics = Metrics()
-        self._own_identity = identify is not None
+        self._identity = IdentitySource.TOKEN if identify is None else IdentitySource.APP
         self.identify: Identify = (
             token_identity if identify is None else DependencyIdentity(identify)
         )
@@ -102,9 +108,26 @@ class Realtime:
         """
         if self._runtime is not None:
             raise RuntimeError("this Realtime is running already: one lifespan at a time")
-        async with running(
-            self.settings, self.metrics, self._hooks, own_identity=self._own_identity
-        ) as runtime:
+        # The routes find the runtime under one key of the lifespan state: a second
+        # Realtime in the same app would take the first one's place there.
+        state = getattr(app, "state", None)
+        if state is not None:
+            if getattr(state, _RUNNING, None) is not None:
+                raise RuntimeError(
+                    "one Realtime per app: this app includes the routers of two; include "
+                    "one, and publish to any channel through it"
+                )
+            setattr(state, _RUNNING, self)
+        try:
+            async with self._running() as lifespan_state:
+                yield lifespan_state
+        finally:
+            if state is not None:
+                delattr(state, _RUNNING)
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[dict[str, Any]]:
+        async with running(self.settings, self.metrics, self._hooks, self._identity) as runtime:
             self._runtime = runtime
             try:
                 # The routes find it in the lifespan state that the server hands them.
@@ -150,11 +173,15 @@ class Realtime:
         return str(message_id)
 
     async def history(self, channel: str, *, limit: int = 100, since: str | None = None) -> History:
-        """The channel's kept messages: the latest `limit`, or the first `limit` after `since`."""
+        """The channel's kept messages: the latest `limit`, or the first `limit` after `since`.
+
+        `limit` is 1 to 1000 (ValueError otherwise). A `since` that is not a message id
+        of this channel is no error: `recovered` is then false.
+        """
         runtime = self.runtime
         validate_channel(channel, runtime.limits.max_channel_length)
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
+        if not 1 <= limit <= MAX_HISTORY_LIMIT:
+            raise ValueError(f"limit must be 1 to {MAX_HISTORY_LIMIT}, got {limit}")
         if since is None:
             read = await runtime.broker.history_latest(channel, limit)
             recovered = None

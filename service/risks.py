@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+from service.auth import IdentitySource
 from service.settings import Settings
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def open_doors(settings: Settings, *, own_identity: bool = False) -> list[str]:
+def open_doors(settings: Settings, identity: IdentitySource = IdentitySource.TOKEN) -> list[str]:
     """What a worker warns about when it starts: auth off, or half of it missing.
 
-    `own_identity`: embedded in an app that identifies WebSocket clients itself, where
+    Embedded in an app that identifies WebSocket clients itself (`IdentitySource.APP`),
     only the HTTP API still depends on these settings.
     """
-    if own_identity:
-        if settings.auth_enabled:
-            return []
-        return [
-            "no API_KEYS set: the router's HTTP API (publish, history) is open to anyone "
-            "who can reach it; set API_KEYS, or keep it off the public network"
-        ]
+    if identity is IdentitySource.APP:
+        doors = []
+        if not settings.api_keys:
+            doors.append(
+                "no API_KEYS set: the router's HTTP API (publish, history) refuses every "
+                "request; the app's own code publishes with Realtime.publish"
+            )
+        if "*" in settings.allowed_origins:
+            doors.append(
+                'ALLOWED_ORIGINS=["*"] with the app\'s own identify: pages of any site may '
+                "open WebSockets with the visitor's cookies; list your sites' origins instead"
+            )
+        return doors
     if not settings.auth_enabled:
         return [
             "AUTH IS OFF: no JWT_SECRET, JWT_PUBLIC_KEY_FILE or API_KEYS is set, so anyone "

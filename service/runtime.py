@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from service.adapters.uvicorn import adapter_ready
-from service.auth import ApiKeys, Authenticator
+from service.auth import ApiKeys, Authenticator, IdentitySource
 from service.broker import Broker
 from service.hooks import Hooks
 from service.hub import Hub
@@ -38,17 +38,15 @@ class Runtime:
     slots: ConnectionSlots
     #: The app's connect, subscribe and publish hooks (none: nothing is asked).
     hooks: Hooks
+    #: Who says who a client is: its token, or the embedding app.
+    identity: IdentitySource
 
 
 @asynccontextmanager
 async def running(
-    settings: Settings, metrics: Metrics, hooks: Hooks, *, own_identity: bool = False
+    settings: Settings, metrics: Metrics, hooks: Hooks, identity: IdentitySource
 ) -> AsyncIterator[Runtime]:
-    """Connect to the backend, start the hub, and stop both on the way out.
-
-    `own_identity`: the app turns handshakes into identities itself, so the warning
-    that auth is off would be wrong.
-    """
+    """Connect to the backend, start the hub, and stop both on the way out."""
     worker_id = settings.resolved_worker_id()
     async with Broker(settings, worker_id) as broker, hooks:
         hub = Hub(
@@ -72,8 +70,9 @@ async def running(
             api_keys=ApiKeys(settings.api_keys),
             slots=ConnectionSlots(settings.max_connections),
             hooks=hooks,
+            identity=identity,
         )
-        for door in open_doors(settings, own_identity=own_identity):
+        for door in open_doors(settings, identity):
             logger.warning("%s", door)
         if settings.fast_adapters:
             adapter_ready()  # checked now rather than at the first connection

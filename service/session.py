@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket
 
-from service.auth import InvalidToken, Principal
+from service.auth import IdentitySource, InvalidToken, Principal
 from service.channels import validate_channel
 from service.connection import Connection
 from service.errors import (
@@ -58,6 +58,7 @@ class _ChannelSession:
     """A client's channel memberships and publishes, over one connection."""
 
     __slots__ = (
+        "_asked_subscribes",
         "_channels",
         "_expiry",
         "_left",
@@ -87,6 +88,7 @@ class _ChannelSession:
         # idle connection is what bounds a worker (docs/performance.md, "What bounds the rest").
         self._publishes: PublishLimiter | None = None
         self._refreshes: TokenBucket | None = None
+        self._asked_subscribes: TokenBucket | None = None
         self._expiry: asyncio.TimerHandle | None = None
         # channel -> the `info` it announced itself with (None: no join/leave events)
         self._channels: dict[str, bytes | None] = {}
@@ -147,6 +149,22 @@ class _ChannelSession:
             raise ProtocolError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"at most {self._rt.settings.max_subscriptions} subscriptions per connection",
+                ref=ref,
+            )
+
+    def _may_ask_subscribe(self, ref: Ref | None) -> None:
+        """Raise unless the app may be asked about one more subscribe now.
+
+        Each costs the app a call (an HTTP request, standalone): as many as publishes.
+        """
+        if self._asked_subscribes is None:
+            settings = self._rt.settings
+            self._asked_subscribes = TokenBucket(settings.publish_rate, settings.publish_burst)
+        if not self._asked_subscribes.take():
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self._rt.settings.publish_rate:g} subscribes per second to "
+                "channels the app is asked about: slow down",
                 ref=ref,
             )
 
@@ -213,12 +231,16 @@ class _ChannelSession:
         key: str | None,
         ack: bool,
     ) -> None:
-        value = await ask(
-            self._rt.hooks, "publish", hook(self._principal, channel, orjson.loads(data)), ref
-        )
-        await self._publish_now(
-            channel, encode_json_value(value, self._rt.limits, "data", ref), ref, key, ack
-        )
+        # The hook sees the data as JSON values and may hand back others, checked anew.
+        args = (self._principal, channel, orjson.loads(data))
+        value = await ask(self._rt.hooks, "publish", hook, args, ref)
+        try:
+            data = encode_json_value(value, self._rt.limits, "data", ref)
+        except ProtocolError as exc:
+            # Not the client's fault: it is told the hook failed, the app's log says why.
+            logger.error("the app's publish hook returned unusable data: %s", exc.message)
+            raise HookUnavailable("the app's publish hook failed: retry later", ref=ref) from None
+        await self._publish_now(channel, data, ref, key, ack)
 
     def _publish_now(
         self, channel: str, data: bytes, ref: Ref | None, key: str | None, ack: bool
@@ -310,7 +332,8 @@ class Session(_ChannelSession):
         self._may_subscribe(channel, ref)
         hook = self._rt.hooks.subscribe_hook(channel)
         if hook is not None:
-            await ask(self._rt.hooks, "subscribe", hook(self._principal, channel), ref)
+            self._may_ask_subscribe(ref)
+            await ask(self._rt.hooks, "subscribe", hook, (self._principal, channel), ref)
 
         def reply(joined: Joined) -> None:
             # Called by the hub just before the channel's first frame can be queued.
@@ -333,6 +356,14 @@ class Session(_ChannelSession):
         return self._leave(channel, ref)
 
     async def _refresh(self, token: str, ref: Ref | None) -> None:
+        if self._rt.identity is IdentitySource.APP:
+            # The app said who this is; a token must not replace that (with JWTs off,
+            # any token would pass as "everyone").
+            raise ProtocolError(
+                ErrorCode.INVALID_TOKEN,
+                "the app identifies clients itself, not by token: reconnect instead",
+                ref=ref,
+            )
         if self._refreshes is None:
             # Verifying a token costs far more than any other command.
             self._refreshes = TokenBucket(_REFRESH_RATE, _REFRESH_BURST)
@@ -385,7 +416,7 @@ class SimpleSession(_ChannelSession):
             self._may_subscribe(self._channel, None)
             hook = self._rt.hooks.subscribe_hook(self._channel)
             if hook is not None:
-                await ask(self._rt.hooks, "subscribe", hook(self._principal, self._channel))
+                await ask(self._rt.hooks, "subscribe", hook, (self._principal, self._channel))
             await self._join(self._channel, None)
         except (ProtocolError, Refused) as exc:
             self.send_error(exc)

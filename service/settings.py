@@ -502,7 +502,8 @@ class Settings(BaseSettings):
 def _check_http_url(what: str, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{what} must be an http:// or https:// URL with a host, got {url!r}")
+        # The URL itself is not repeated: it may carry a password.
+        raise ValueError(f"{what} must be an http:// or https:// URL with a host")
 
 
 def worker_name(configured: str) -> str:

@@ -83,7 +83,7 @@ realtime = Realtime(
 )
 app = FastAPI(title="chat example")
 # The WebSocket endpoint is then /rt/ws; the service's HTTP API comes along under
-# /rt/api (set API_KEYS to close it to the public: the app publishes in-process).
+# /rt/api, closed until API_KEYS is set (the app publishes in-process).
 app.include_router(realtime.router, prefix="/rt")
 app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 

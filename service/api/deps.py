@@ -9,6 +9,7 @@ from fastapi import Depends, Security
 from fastapi.security import APIKeyHeader
 from starlette.requests import HTTPConnection
 
+from service.auth import IdentitySource
 from service.errors import ServiceError, Unauthorized
 from service.runtime import Runtime
 
@@ -50,6 +51,11 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of 
 async def require_api_key(
     runtime: RuntimeDep, key: Annotated[str | None, Security(_api_key)]
 ) -> None:
-    """Let the request through only with one of the configured API keys (auth on)."""
-    if runtime.settings.auth_enabled and not runtime.api_keys.check(key):
-        raise Unauthorized("missing or invalid X-API-Key header")
+    """Let the request through only with one of the configured API keys.
+
+    Standalone, only with auth on (development runs open); embedded in an app that
+    identifies its clients itself, always: the app's login must not be bypassed here.
+    """
+    required = runtime.settings.auth_enabled or runtime.identity is IdentitySource.APP
+    if required and not runtime.api_keys.check(key):
+        raise Unauthorized("missing or invalid X-API-Key header (one of API_KEYS)")

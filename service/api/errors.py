@@ -27,8 +27,8 @@ from service.protocol.codes import ErrorCode
 
 logger = logging.getLogger(__name__)
 
-# Seconds a client should wait before trying again after a 503 or 504.
-_RETRY_AFTER_SECONDS = "1"
+#: Seconds a client should wait before trying again after a 503 or 504.
+RETRY_AFTER_SECONDS = "1"
 
 
 class ErrorRoute(APIRoute):
@@ -93,7 +93,7 @@ def validation_error_message(errors: Sequence[Any]) -> str:
 
 
 def _retry_after() -> dict[str, str]:
-    return {"Retry-After": _RETRY_AFTER_SECONDS}
+    return {"Retry-After": RETRY_AFTER_SECONDS}
 
 
 def _json(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from fastapi import Depends
 from fastapi.routing import APIWebSocketRoute
@@ -69,20 +70,17 @@ async def token_identity(scope: Scope, receive: Receive, send: Send, runtime: Ru
 
 
 _RESULT = "broadcast_service.identity"
-# What FastAPI leaves in the scope while it solves the dependency: put back as it was
-# afterwards, so that the connection does not keep closed exit stacks for its whole life.
-_FASTAPI_KEYS = ("fastapi_inner_astack", "fastapi_function_astack")
 
 
 class DependencyIdentity:
     """The app's FastAPI dependency, solved once per handshake by FastAPI itself.
 
     The dependency may use anything FastAPI gives a WebSocket endpoint (`Cookie`,
-    `Header`, `Depends` on the app's database session, ...). It returns a `Principal`,
-    or None to refuse with 403; it may also raise `WebSocketException`, which the
-    app's own exception handlers answer. Its `yield` dependencies end with the
-    handshake, not with the connection: a database session is not held while a
-    client stays connected.
+    `Header`, `Depends` on the app's database session, ...), and the app's
+    `dependency_overrides` apply to it. It returns a `Principal`, or None to refuse
+    with 403; it may also raise `WebSocketException`, which the app's own exception
+    handlers answer. Its `yield` dependencies end with the handshake, not with the
+    connection: a database session is not held while a client stays connected.
     """
 
     def __init__(self, dependency: Callable[..., Any]) -> None:
@@ -94,21 +92,25 @@ class DependencyIdentity:
         ) -> None:
             websocket.scope[_RESULT] = (principal,)
 
-        self._route = APIWebSocketRoute("/", endpoint)
+        self._endpoint = endpoint
+        # One route per app that includes the router, for that app's overrides.
+        self._routes: WeakKeyDictionary[Any, APIWebSocketRoute] = WeakKeyDictionary()
         self._name = getattr(dependency, "__qualname__", repr(dependency))
+
+    def _route(self, app: Any) -> APIWebSocketRoute:
+        route = self._routes.get(app)
+        if route is None:
+            overrides = app if hasattr(app, "dependency_overrides") else None
+            route = APIWebSocketRoute("/", self._endpoint, dependency_overrides_provider=overrides)
+            self._routes[app] = route
+        return route
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, runtime: Runtime
     ) -> Principal | None:
         """The dependency's `Principal`; None if the app answered the handshake itself."""
-        before = {key: scope[key] for key in _FASTAPI_KEYS if key in scope}
-        try:
-            await self._route.handle(scope, receive, send)
-            solved = scope.pop(_RESULT, None)
-        finally:
-            for key in _FASTAPI_KEYS:
-                scope.pop(key, None)
-            scope.update(before)
+        await self._route(scope["app"]).handle(scope, receive, send)
+        solved = scope.pop(_RESULT, None)
         if solved is None:
             return None  # it raised, and the app's exception handler answered
         principal = solved[0]
@@ -120,7 +122,6 @@ class DependencyIdentity:
                 self._name,
                 type(principal).__name__,
             )
-            raise HandshakeRefused(
-                "the app could not identify the client", status=500, code="internal"
-            )
+            refusal = "the app could not identify the client"
+            raise HandshakeRefused(refusal, status=500, code="internal")
         return principal

@@ -1,9 +1,9 @@
 """WebSocket endpoints: `/ws` (protocol v1) and `/ws/{channel}` (simple mode).
 
 `serve` is the one way a WebSocket is served: the Origin, then who the client is (its
-token, or the app's own dependency), the app's connect hook, a connection slot, then
-the session. A refusal before `accept` is an HTTP answer (403, or 503 when a hook is
-unavailable) whose body says why.
+token, or the app's own dependency), a connection slot (a full worker closes with
+1013), the app's connect hook, then the session. A refusal before `accept` is an HTTP
+answer (403, or 503 when a hook is unavailable) whose body says why.
 
 Standalone, `WebSocketEndpoints` calls it in front of the FastAPI app rather than as
 a route: the middleware, routing and dependency machinery would stay alive for as long
@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket
 
 from service.adapters.uvicorn import transport_for
 from service.api.deps import NotStarted, runtime_of
+from service.api.errors import RETRY_AFTER_SECONDS
 from service.api.identity import HandshakeRefused, Identify, Receive, Scope, Send
 from service.auth import Principal, origin_allowed
 from service.errors import HookUnavailable, Refused
@@ -44,21 +45,29 @@ async def serve(
     websocket = WebSocket(scope, receive, send)
     try:
         runtime = runtime_of(scope)
-        principal = await _admit(scope, receive, send, runtime, identify)
-    except HandshakeRefused as exc:
-        # The reason is logged, never the token.
-        logger.info("WebSocket refused: %s", exc.reason)
-        await _refuse(websocket, exc.status, exc.code, f"WebSocket refused: {exc.reason}")
-        return
+        principal = await _identify(scope, receive, send, runtime, identify)
     except NotStarted as exc:
         logger.error("%s", exc.message)
         await _refuse(websocket, 500, exc.code.value, exc.message)
         return
+    except HandshakeRefused as exc:
+        await _refuse_handshake(websocket, exc)
+        return
     if principal is None:
         return  # the app's dependency answered the handshake itself
-    if not await _take_slot(websocket, runtime):
+    # A slot before the connect hook: a full worker does not call the app's backend.
+    if not runtime.slots.acquire():
+        runtime.metrics.refused_connections.inc()
+        await websocket.accept()
+        await websocket.close(CloseCode.TRY_AGAIN_LATER, "worker full: retry later")
         return
     try:
+        try:
+            await _ask_connect(runtime, principal)
+        except HandshakeRefused as exc:
+            await _refuse_handshake(websocket, exc)
+            return
+        await websocket.accept()
         # uvicorn's own `send`, which the adapter may write through directly.
         transport = transport_for(send, fast=runtime.settings.fast_adapters)
         if channel is None:
@@ -73,7 +82,7 @@ async def serve(
         runtime.slots.release()
 
 
-async def _admit(
+async def _identify(
     scope: Scope, receive: Receive, send: Send, runtime: Runtime, identify: Identify
 ) -> Principal | None:
     """The client's `Principal` (None: answered already), or `HandshakeRefused`."""
@@ -84,16 +93,27 @@ async def _admit(
     # Before anything that reads cookies: cross-site WebSocket hijacking.
     if not origin_allowed(headers.get("origin"), headers.get("host"), allowed):
         raise HandshakeRefused("origin not allowed")
-    principal = await identify(scope, receive, send, runtime)
+    return await identify(scope, receive, send, runtime)
+
+
+async def _ask_connect(runtime: Runtime, principal: Principal) -> None:
+    """The app's connect hook, if any; `HandshakeRefused` if it says no or fails."""
     hook = runtime.hooks.connect_hook()
-    if principal is not None and hook is not None:
-        try:
-            await ask(runtime.hooks, "connect", hook(principal))
-        except Refused as exc:
-            raise HandshakeRefused(exc.message, code=exc.wire_code()) from None
-        except HookUnavailable as exc:
-            raise HandshakeRefused(exc.message, status=503, code=exc.wire_code()) from None
-    return principal
+    if hook is None:
+        return
+    try:
+        await ask(runtime.hooks, "connect", hook, (principal,))
+    except Refused as exc:
+        raise HandshakeRefused(exc.message, code=exc.wire_code()) from None
+    except HookUnavailable as exc:
+        raise HandshakeRefused(exc.message, status=503, code=exc.wire_code()) from None
+
+
+async def _refuse_handshake(websocket: WebSocket, refusal: HandshakeRefused) -> None:
+    # The reason is logged, never the token.
+    logger.info("WebSocket refused: %s", refusal.reason)
+    message = f"WebSocket refused: {refusal.reason}"
+    await _refuse(websocket, refusal.status, refusal.code, message)
 
 
 async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
@@ -103,20 +123,13 @@ async def _refuse(websocket: WebSocket, status: int, code: str, message: str) ->
     which it answers with a bare 403.
     """
     if "websocket.http.response" not in websocket.scope.get("extensions", {}):
-        await websocket.close(CloseCode.POLICY_VIOLATION, message[:120])
+        # A close reason holds 123 bytes.
+        reason = message.encode()[:123].decode(errors="ignore")
+        await websocket.close(CloseCode.POLICY_VIOLATION, reason)
         return
     body = {"error": code, "message": message}
-    await websocket.send_denial_response(JSONResponse(body, status_code=status))
-
-
-async def _take_slot(websocket: WebSocket, runtime: Runtime) -> bool:
-    """Accept the connection; if the worker is full, close it at once with 1013."""
-    await websocket.accept()
-    if runtime.slots.acquire():
-        return True
-    runtime.metrics.refused_connections.inc()
-    await websocket.close(CloseCode.TRY_AGAIN_LATER, "worker full: retry later")
-    return False
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+    await websocket.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
 
 
 class WebSocketEndpoints:
@@ -141,27 +154,29 @@ class WebSocketEndpoints:
 
 
 class _Endpoint:
-    """An ASGI endpoint for a Starlette `WebSocketRoute`.
+    """An ASGI endpoint for a Starlette `WebSocketRoute`: `/ws`, or `/ws/{channel}`.
 
     A class: Starlette would take a function for a session function.
     """
 
-    def __init__(self, identify: Identify, *, simple: bool) -> None:
+    def __init__(self, identify: Identify) -> None:
         self._identify = identify
-        self._simple = simple
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        channel = scope["path_params"]["channel"] if self._simple else None
+        channel = scope["path_params"].get("channel")
         await serve(scope, receive, send, channel, self._identify)
 
 
 def websocket_routes(identify: Identify) -> list[WebSocketRoute]:
-    """`/ws` and `/ws/{channel}` as routes, for a router an app includes."""
+    """`/ws` and `/ws/{channel}` as routes, for a router an app includes.
+
+    Plain Starlette routes: dependencies given to `include_router` do not reach them
+    (the app's `identify` is where a WebSocket is checked).
+    """
+    endpoint = _Endpoint(identify)
     return [
-        WebSocketRoute("/ws", _Endpoint(identify, simple=False), name="broadcast_ws"),
-        WebSocketRoute(
-            "/ws/{channel}", _Endpoint(identify, simple=True), name="broadcast_ws_channel"
-        ),
+        WebSocketRoute("/ws", endpoint, name="broadcast_ws"),
+        WebSocketRoute("/ws/{channel}", endpoint, name="broadcast_ws_channel"),
     ]
 
 

@@ -2,7 +2,15 @@
 
 from service.auth.api_keys import ApiKeys
 from service.auth.origins import origin_allowed
-from service.auth.principal import EVERYONE, Principal
+from service.auth.principal import EVERYONE, IdentitySource, Principal
 from service.auth.tokens import Authenticator, InvalidToken
 
-__all__ = ["EVERYONE", "ApiKeys", "Authenticator", "InvalidToken", "Principal", "origin_allowed"]
+__all__ = [
+    "EVERYONE",
+    "ApiKeys",
+    "Authenticator",
+    "IdentitySource",
+    "InvalidToken",
+    "Principal",
+    "origin_allowed",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
 
 #: The claim that lists a token's channels: {"subscribe": [patterns], "publish": [patterns]}.
@@ -106,6 +107,15 @@ class Principal:
     def anonymous(self) -> bool:
         """No token was presented."""
         return self.subject is None
+
+
+class IdentitySource(Enum):
+    """Who says who a WebSocket client is."""
+
+    #: The service, from the client's JWT (or the settings' anonymous permissions).
+    TOKEN = "token"
+    #: The app the service is embedded in, with its own dependency (`Realtime(identify=)`).
+    APP = "app"
 
 
 #: With auth off (development), everyone may do everything.

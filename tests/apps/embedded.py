@@ -24,6 +24,9 @@ USERS = {
     "alice-session": Principal("alice", subscribe=("chat:*", "news"), publish=("chat:*",)),
     "bob-session": Principal("bob", subscribe=("chat:*",), publish=("chat:*",)),
     "mallory-session": Principal("mallory", subscribe=("chat:*",), publish=("chat:*",)),
+    # A guest: the app knows the browser but not who is behind it.
+    "guest-session": Principal(None, subscribe=("chat:lobby",), publish=()),
+    "crash-session": Principal("crash", subscribe=("chat:*",), publish=("chat:*",)),
 }
 open_sessions = 0
 
@@ -49,6 +52,8 @@ async def current_user(
 async def on_connect(client: Principal) -> None:
     if client.subject == "mallory":
         raise Refused("mallory is banned", "banned")
+    if client.subject == "crash":
+        raise RuntimeError("a bug in the app's connect hook")
 
 
 async def on_subscribe(client: Principal, channel: str) -> None:
@@ -64,6 +69,8 @@ async def on_publish(client: Principal, channel: str, data: JsonValue) -> JsonVa
         await asyncio.sleep(30)  # longer than the hooks' timeout
     if text == "boom":
         raise RuntimeError("a bug in the app's hook")
+    if text == "not json":
+        return {"a", "set"}  # type: ignore[return-value]  # a bug: not a JSON value
     return {"text": text, "by": client.subject}
 
 
@@ -119,6 +126,19 @@ async def history(channel: str, since: str | None = None) -> dict[str, Any]:
 @app.get("/state")
 async def state(request: Request) -> dict[str, Any]:
     return {"open_sessions": open_sessions, "greeting": request.state.greeting}
+
+
+#: The same app with its identity overridden, as a test of the app's would do.
+overridden = FastAPI()
+overridden.include_router(realtime.router, prefix="/rt")
+overridden.dependency_overrides[current_user] = lambda: Principal(
+    "stand-in", subscribe=("chat:*",), publish=("chat:*",)
+)
+
+
+@overridden.get("/readyz")
+async def overridden_readyz() -> dict[str, bool]:
+    return {"ready": True}
 
 
 #: The standalone app mounted as a sub-application, which cannot work (no lifespan).

@@ -7,6 +7,8 @@ refuse a user, a channel and a word, and sign each message with its sender.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,11 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from tests.conftest import WorkerFactory
 from tests.helpers import UNIT, Client, RedisServer, Worker, unique, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+API_KEY = "embedded-api-key-0123456789"
 
 
 def app_program(target: str) -> list[str]:
@@ -33,6 +37,7 @@ def app(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
         "BROADCAST_URL": redis_server.url,
         "REDIS_PREFIX": unique("e") + ":",
         "ALLOWED_ORIGINS": '["http://app.example"]',
+        "API_KEYS": f'["{API_KEY}"]',
     }
     worker = Worker(
         tmp_path_factory.mktemp("app"),
@@ -76,16 +81,19 @@ async def test_router_serves_websockets_and_the_http_api_under_the_apps_prefix(
             assert message["id"] == published["id"]
             # The publish hook signed it with the sender the dependency identified.
             assert message["data"] == {"text": "hi", "by": "bob"}
-        # The HTTP API came along with the router, under the same prefix.
-        response = httpx.post(
-            f"{app.http}/rt/api/channels/{channel}/messages",
-            json={"data": "from a backend"},
-            timeout=5 * UNIT,
-        )
+        # The HTTP API came along with the router, under the same prefix, for backends
+        # with one of API_KEYS: the app's login must not be bypassed there.
+        url = f"{app.http}/rt/api/channels/{channel}/messages"
+        anonymous = httpx.post(url, json={"data": "forged"}, timeout=5 * UNIT)
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"] == "unauthorized"
+        key = {"X-API-Key": API_KEY}
+        response = httpx.post(url, json={"data": "from a backend"}, headers=key, timeout=5)
         assert response.status_code == 200, response.text
         assert (await alice.recv_type("message"))["data"] == "from a backend"
         # A bad request is answered by the router's own error handling, not a 500.
-        bad = httpx.get(f"{app.http}/rt/api/channels/{channel}/history?limit=x", timeout=5)
+        history = f"{app.http}/rt/api/channels/{channel}/history"
+        bad = httpx.get(history + "?limit=x", headers=key, timeout=5 * UNIT)
         assert bad.status_code == 400
         assert bad.json()["error"] == "invalid_request"
     finally:
@@ -219,7 +227,12 @@ async def test_the_publish_hook_refuses_fails_and_times_out_without_publishing(
     bob = await signed_in(app, "bob-session")
     try:
         await listener.subscribe(channel)
-        refusals = [("darn", "banned_word"), ("boom", "unavailable"), ("slow", "unavailable")]
+        refusals = [
+            ("darn", "banned_word"),
+            ("boom", "unavailable"),
+            ("slow", "unavailable"),
+            ("not json", "unavailable"),  # the hook's bad data is not the client's fault
+        ]
         for text, code in refusals:
             frame = {"type": "publish", "channel": channel, "data": {"text": text}, "ref": text}
             await bob.send(frame)
@@ -239,11 +252,95 @@ async def test_channels_the_hooks_do_not_cover_go_through_untouched(app: Worker)
     alice = await signed_in(app, "alice-session")
     try:
         await alice.subscribe("news")
-        response = httpx.post(f"{app.http}/rt/api/channels/news/messages", json={"data": "darn"})
+        response = httpx.post(
+            f"{app.http}/rt/api/channels/news/messages",
+            json={"data": "darn"},
+            headers={"X-API-Key": API_KEY},
+            timeout=5 * UNIT,
+        )
         assert response.status_code == 200
         assert (await alice.recv_type("message"))["data"] == "darn"
     finally:
         await alice.close()
+
+
+async def test_a_failing_connect_hook_is_a_503_that_says_so(app: Worker) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(
+            app.ws + "/rt/ws",
+            additional_headers={"Cookie": "session=crash-session"},
+            open_timeout=5 * UNIT,
+        )
+    response = refused.value.response
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    body = json.loads(bytes(response.body))
+    assert body["error"] == "unavailable"
+    assert "connect hook failed" in body["message"]
+    wait_for(lambda: "a bug in the app's connect hook" in app.log(), what="the traceback")
+
+
+async def test_simple_mode_is_refused_by_the_subscribe_hook_with_its_code(app: Worker) -> None:
+    client = await Client.connect(
+        app.ws + "/rt/ws/chat:staff", additional_headers={"Cookie": "session=bob-session"}
+    )
+    try:
+        error = await client.recv_type("error")
+        assert error["code"] == "staff_only"
+        assert await client.close_code() == 1008
+    finally:
+        await client.close()
+
+
+async def test_a_token_cannot_replace_the_identity_the_app_gave(
+    make_worker: WorkerFactory, redis_server: RedisServer
+) -> None:
+    # With no JWT key and no API_KEYS, any token passes as "everyone", whose subject
+    # (none) is the guest's own: a refresh would give the guest every channel.
+    app = make_worker(
+        env={"BROADCAST_URL": redis_server.url, "REDIS_PREFIX": unique("g") + ":"},
+        program=app_program("tests.apps.embedded:app"),
+    )
+    guest = await signed_in(app, "guest-session")
+    try:
+        await guest.send({"type": "refresh", "token": "anything", "ref": "r"})
+        error = await guest.recv_type("error")
+        assert (error["code"], error["ref"]) == ("invalid_token", "r")
+        await guest.send({"type": "subscribe", "channel": "news", "ref": "n"})
+        assert (await guest.recv_type("error"))["code"] == "forbidden"
+    finally:
+        await guest.close()
+
+
+def test_the_apps_dependency_overrides_reach_identify(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    worker = Worker(
+        tmp_path,
+        [],
+        {"BROADCAST_URL": redis_server.url, "REDIS_PREFIX": unique("o") + ":"},
+        program=app_program("tests.apps.embedded:overridden"),
+    )
+    worker.start()
+    try:
+
+        async def stand_in_publishes() -> None:
+            channel = unique("chat:")
+            client = await Client.connect(worker.ws + "/rt/ws")  # no cookie: overridden
+            try:
+                await client.welcome()
+                await client.subscribe(channel)
+                await client.publish(channel, "hi")
+                assert (await client.recv_type("message"))["data"] == {
+                    "text": "hi",
+                    "by": "stand-in",
+                }
+            finally:
+                await client.close()
+
+        asyncio.run(stand_in_publishes())
+    finally:
+        worker.stop()
 
 
 def test_mounting_the_standalone_app_says_what_to_do_instead(

@@ -52,6 +52,8 @@ class Backend:
                 status, answer = backend.answer(self.path, body)
                 payload = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
                 self.send_response(status)
+                if status == 307:
+                    self.send_header("Location", backend.url + "/publish")
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -75,6 +77,8 @@ class Backend:
             return 200, {}
         if path == "/audit":
             return 200, {"data": {"audited": body["data"]}}
+        if path == "/moved":
+            return 307, {"see": "/publish"}
         text = body["data"]
         if text == "darn":
             return 200, {"error": {"code": "banned_word", "message": "mind your language"}}
@@ -113,7 +117,13 @@ def hook_args(backend: Backend, *extra: str) -> list[str]:
         "--hook-subscribe-urls",
         json.dumps({"chat:*": backend.url + "/subscribe"}),
         "--hook-publish-urls",
-        json.dumps({"chat:*": backend.url + "/publish", "audit:*": backend.url + "/audit"}),
+        json.dumps(
+            {
+                "chat:*": backend.url + "/publish",
+                "audit:*": backend.url + "/audit",
+                "moved:*": backend.url + "/moved",
+            }
+        ),
         *("--hook-timeout", str(1.5 * UNIT)),
         *("--hook-api-key", HOOK_KEY),
         *extra,
@@ -124,9 +134,13 @@ def hook_args(backend: Backend, *extra: str) -> list[str]:
 def worker(
     redis_server: RedisServer, backend: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
+    # A proxy in the environment that goes nowhere: the hooks must not use it.
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    proxies = {name: nowhere for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
     worker = Worker(
         tmp_path_factory.mktemp("hooks"),
         redis_args(redis_server, unique("h") + ":", *hook_args(backend)),
+        {**proxies, **{name.lower(): nowhere for name in proxies}, "NO_PROXY": ""},
     )
     worker.start()
     yield worker
@@ -313,3 +327,66 @@ async def test_calls_in_flight_are_bounded(
         backend.release.set()
         for client in clients:
             await client.close()
+
+
+async def test_a_redirect_is_not_followed(worker: Worker, backend: Backend) -> None:
+    channel = unique("moved:")
+    alice = await connect(worker, "alice")
+    try:
+        await alice.subscribe(channel)
+        await alice.send({"type": "publish", "channel": channel, "data": "x", "ref": 1})
+        error = await alice.recv_type("error")
+        assert error["code"] == "unavailable"
+        assert "answered HTTP 307" in error["message"]
+        # The backend was asked once, at the URL configured, and not at the Location.
+        assert not [body for body in backend.calls_to("/publish") if body["channel"] == channel]
+    finally:
+        await alice.close()
+
+
+async def test_subscribes_the_backend_is_asked_about_are_rate_limited(
+    make_worker: WorkerFactory, redis_server: RedisServer, backend: Backend
+) -> None:
+    worker = make_worker(
+        *redis_args(
+            redis_server,
+            unique("r") + ":",
+            "--hook-subscribe-urls",
+            json.dumps({"*": backend.url + "/subscribe"}),
+            *("--publish-rate", "0.1", "--publish-burst", "3"),
+        )
+    )
+    client = await Client.connect(worker.ws + "/ws")
+    staff = unique("flood") + ":staff"
+    try:
+        await client.welcome()
+        codes = []
+        for ref in range(6):
+            await client.send({"type": "subscribe", "channel": staff, "ref": ref})
+            codes.append((await client.recv_type("error"))["code"])
+        assert codes == ["staff_only"] * 3 + ["rate_limited"] * 3
+        asked = [body for body in backend.calls_to("/subscribe") if body["channel"] == staff]
+        assert len(asked) == 3
+    finally:
+        await client.close()
+
+
+async def test_a_full_worker_does_not_ask_the_backend(
+    make_worker: WorkerFactory, redis_server: RedisServer, backend: Backend
+) -> None:
+    worker = make_worker(
+        *redis_args(
+            redis_server,
+            unique("x") + ":",
+            *("--hook-connect-url", backend.url + "/connect", "--max-connections", "1"),
+        )
+    )
+    first = await Client.connect(worker.ws + "/ws")
+    try:
+        await first.welcome()
+        asked = len(backend.calls_to("/connect"))
+        second = await Client.connect(worker.ws + "/ws")
+        assert await second.close_code() == 1013
+        assert len(backend.calls_to("/connect")) == asked
+    finally:
+        await first.close()
