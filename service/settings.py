@@ -23,11 +23,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.sentinel_url import SENTINEL_SCHEMES, parse_sentinel_url, redacted
+
 #: Environment variable through which the entry point hands the parsed settings to
 #: uvicorn's worker processes (they import the app anew and cannot see our argv).
 SETTINGS_ENV_VAR = "BROADCAST_SERVICE_SETTINGS_JSON"
 
-_BACKEND_SCHEMES = ("memory", "redis", "rediss")
+_BACKEND_SCHEMES = ("memory", "redis", "rediss", *SENTINEL_SCHEMES)
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -349,7 +351,9 @@ class Settings(BaseSettings):
                 f"unsupported scheme {parts.scheme!r} in BROADCAST_URL; use one of "
                 + ", ".join(f"{scheme}://" for scheme in _BACKEND_SCHEMES)
             )
-        if parts.scheme != "memory":
+        if parts.scheme in SENTINEL_SCHEMES:
+            parse_sentinel_url(value)  # raises ValueError saying what is wrong
+        elif parts.scheme != "memory":
             if not parts.hostname:
                 raise ValueError("BROADCAST_URL needs a host, e.g. redis://127.0.0.1:6379/0")
             try:
@@ -492,11 +496,7 @@ class Settings(BaseSettings):
 
     def redacted_url(self) -> str:
         """`broadcast_url` with any password replaced, for logs."""
-        parts = urlsplit(self.broadcast_url)
-        if parts.password is None:
-            return self.broadcast_url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
+        return redacted(self.broadcast_url)
 
 
 def _check_http_url(what: str, url: str) -> None:

@@ -145,6 +145,10 @@ class RedisServer:
             self._client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2 * UNIT)
         return self._client
 
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()

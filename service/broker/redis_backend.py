@@ -29,7 +29,7 @@ import random
 from typing import Any
 
 from broadcaster import BroadcastBackend, Event
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -40,6 +40,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from service.broker.canary import Canary
 from service.broker.history import position_of
 from service.broker.redis_pipe import ScriptPipe
+from service.broker.redis_url import connection_pool
 from service.broker.replies import Replies, reply_reader
 from service.broker.sink import ChannelSink
 from service.errors import BrokerUnavailable
@@ -60,7 +61,7 @@ def check_redis_url(url: str) -> None:
     parameter only when it builds a connection.
     """
     try:
-        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+        connection_pool(url).make_connection()  # type: ignore[no-untyped-call]
     except (TypeError, ValueError, RedisError) as exc:
         raise ValueError(f"BROADCAST_URL is not usable by redis-py: {exc}") from None
 
@@ -107,7 +108,7 @@ class RedisBackend(BroadcastBackend):
             retries=3,
             supported_errors=(RedisConnectionError,),
         )
-        pool = BlockingConnectionPool.from_url(
+        pool = connection_pool(
             url,
             max_connections=max_connections,
             timeout=timeout,

@@ -39,18 +39,32 @@ Published = Callable[[str | Exception], None]
 # The publish script (bench/floor.py runs it too). KEYS: meta hash, stream, this
 # publish's token.
 # ARGV: frame head, frame tail, pub/sub channel, candidate epoch, history size,
-#       history TTL, meta TTL, token TTL.
+#       history TTL, meta TTL, token TTL, and (added by the pipe) the run id of the
+#       server it runs on.
 # The token makes a retried call (the connection broke after Redis ran the script but
 # before its reply arrived), or a client's retry with the same idempotency key, return the
 # first call's id instead of publishing twice; as an array, to tell that answer apart.
 # A new epoch means the old history is meaningless (and its entry ids could collide).
+# The hash's `srv` is the run id of the server that numbered its last message. When
+# another server numbers the next one (a replica promoted by a failover, a server
+# restarted from a snapshot), it may lack that server's last writes, and would give out
+# their ids again for other messages: a new epoch starts, so that a client holding one
+# of those ids hears "not recovered" instead of skipping messages. A hash without `srv`
+# (made by a history read, or by an older version) adopts the server as it is.
 PUBLISH_SCRIPT = """
 local done = redis.call('GET', KEYS[3])
 if done then return {done} end
-if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[4]) == 1 then redis.call('DEL', KEYS[2]) end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'srv')
+local epoch, server = meta[1], ARGV[9]
+if not epoch or (server and meta[2] and meta[2] ~= server) then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  redis.call('DEL', KEYS[2])
+end
+if server and meta[2] ~= server then redis.call('HSET', KEYS[1], 'srv', server) end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
-local id = redis.call('HGET', KEYS[1], 'epoch') .. ':' .. seq
+local id = epoch .. ':' .. seq
 local frame = ARGV[1] .. id .. ARGV[2]
 if tonumber(ARGV[5]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'f', frame)

@@ -30,6 +30,10 @@ closed under it). Redis may have run such an attempt, so the call fails with
 Any other failure means Redis did not run it: no attempt reached Redis, or every one
 that did got a reply saying it did not run (NOSCRIPT, an error reply).
 
+The script gets one more ARGV than its caller gives: the run id of the server it runs
+on (`INFO server`, read once per connection), so that it can tell when another server
+(a replica promoted by a failover, a restarted one) took over its data.
+
 There is one path: `start` makes a call from synchronous code (the publishing
 session's read) and hands its outcome to a callback; with the tap, from inside the read
 that brought the reply, so no task step on either side (service/session.py). Awaiting
@@ -44,6 +48,7 @@ import asyncio
 import copy
 import hashlib
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -53,7 +58,7 @@ import hiredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
@@ -141,8 +146,12 @@ class _Call:
 class _Link:
     """One connection: commands in flight, in the order they were written."""
 
-    def __init__(self, conn: AbstractConnection, timeout: float, *, fast: bool) -> None:
+    def __init__(
+        self, conn: AbstractConnection, timeout: float, *, fast: bool, server: bytes
+    ) -> None:
         self.conn = conn
+        #: The run id of the Redis server this connection reached.
+        self.server = server
         self._timeout = timeout
         # One timer per connection instead of one per call: a call fails between
         # `timeout` and `timeout` + this after it was written.
@@ -200,6 +209,12 @@ class _Link:
             written_at, on_reply, on_error = self._waiting.popleft()
         except IndexError:
             raise RedisConnectionError("Redis sent a reply nobody asked for") from None
+        demoted = None
+        if isinstance(reply, ReadOnlyError):
+            # The server became a replica (a failover that kept it alive): this call did
+            # not run. The connection goes, so that the retry asks the Sentinels anew.
+            demoted = RedisConnectionError("Redis answered READONLY: reconnecting to the primary")
+            reply = demoted
         # What a callback raises is logged: raised into the read, it would end the
         # connection under every other call.
         try:
@@ -209,6 +224,8 @@ class _Link:
                 on_reply(reply)
         except Exception:
             logger.exception("a callback for a Redis reply failed")
+        if demoted is not None:
+            self.close(demoted)
 
     def _ended(self, reason: BaseException) -> None:
         if isinstance(reason, RedisError):
@@ -299,7 +316,8 @@ class ScriptPipe:
         link = self._link
         if link is not None and link.broken is None:
             # hiredis's stub types the argument as a tuple of one item; it takes any number.
-            packed = hiredis.pack_command((b"EVALSHA", self._sha, *parts))  # type: ignore[arg-type]
+            command = (b"EVALSHA", self._sha, *parts, link.server)
+            packed = hiredis.pack_command(command)  # type: ignore[arg-type]
             try:
                 # The call's state is made only if this attempt fails: not on the hot path.
                 link.send(packed, on_reply, partial(self._first_failed, parts, on_reply))
@@ -391,7 +409,8 @@ class ScriptPipe:
             except TimeoutError:
                 message = f"no connection to Redis within {self._timeout:g} s"
                 raise RedisTimeoutError(message) from None
-        packed = hiredis.pack_command((command, script, *call.parts))  # type: ignore[arg-type]
+        whole = (command, script, *call.parts, link.server)
+        packed = hiredis.pack_command(whole)  # type: ignore[arg-type]
         # A reply goes to `on_reply` from inside its read; a failure fails this attempt,
         # for the retry policy to judge.
         attempt: asyncio.Future[None] = link.loop.create_future()
@@ -429,14 +448,32 @@ class ScriptPipe:
         try:
             # Bounded by the connection's own connect and socket timeouts.
             await conn.connect()  # type: ignore[no-untyped-call]
+            server = await _server_id(conn)
             if self._closed:
                 raise PipeClosed("the publish connection was closed")
-            link = _Link(conn, self._timeout, fast=self._fast)
+            link = _Link(conn, self._timeout, fast=self._fast, server=server)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
         self._link = link
         return link
+
+
+_RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)\r?$", re.MULTILINE)
+#: What a server that does not tell its run id is called (a proxy may hide INFO): one
+#: name for all, so no change of server is seen through it.
+UNKNOWN_SERVER = b"unknown"
+
+
+async def _server_id(conn: AbstractConnection) -> bytes:
+    """The run id of the server `conn` reached, from `INFO server` (before any call)."""
+    await conn.send_command("INFO", "server")
+    info = await conn.read_response()
+    found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
+    if found is None:
+        logger.warning("Redis did not tell its run id (INFO server): failovers go unnoticed")
+        return UNKNOWN_SERVER
+    return found.group(1)
 
 
 def settle(future: asyncio.Future[Any], reply: Any) -> None:

@@ -146,8 +146,16 @@ async def catch_up(broker: Broker, stats: HistoryStats, channel: Channel) -> Seq
     logger.info("history of %r does not cover an interruption: sending a gap", channel.name)
     last = channel.position
     if last is not None and not read.position.covers(last):
-        # A new epoch (Redis lost its data), or the same one set back (Redis came back
-        # from an older snapshot and gives out ids again): nothing to skip.
+        # A new epoch (Redis lost its data, or another server took over after a
+        # failover), or the same one set back (Redis came back from an older snapshot
+        # and gives out ids again): nothing to skip.
         channel.position = None
+        if read.position.epoch != last.epoch:
+            # Every message of the new epoch is news to the members: from its start.
+            try:
+                read = await broker.history_after(channel.name, Position(read.position.epoch, 0))
+            except Exception as exc:
+                logger.warning("history of %r unreadable after a new epoch: %s", channel.name, exc)
+                return [(None, frames.gap(channel.name))]
     # Whatever part of it history still has (it was trimmed) follows the notice.
     return [(None, frames.gap(channel.name)), *read.messages()]

@@ -407,3 +407,27 @@ async def test_start_on_a_closed_pipe_reports_it_closed(
     pipe.start([unique("k")], ["after close"], replies)
     [reply] = await replies.wait(1)
     assert isinstance(reply, PipeClosed)
+
+
+async def test_a_primary_demoted_to_replica_is_left_for_the_new_one(
+    redis_server: RedisServer, own_redis: RedisServer, fast: bool
+) -> None:
+    # `own_redis` stands for a primary that a failover kept alive and turned into a
+    # replica of the new one (`redis_server`): it answers the script with READONLY.
+    own_redis.client().replicaof("127.0.0.1", redis_server.port)
+    ports = iter([own_redis.port, redis_server.port])
+    pipe = ScriptPipe(
+        _COUNT,
+        lambda: Connection(port=next(ports), protocol=2, socket_timeout=5),
+        timeout=5,
+        retry=Retry(NoBackoff(), 2, supported_errors=(RedisConnectionError,)),
+        fast=fast,
+    )
+    key = unique("count")
+    try:
+        count, arg = await pipe(keys=[key], args=["x"])
+    finally:
+        await pipe.close()
+    # Run once, on the new primary, by the retry on a new connection.
+    assert (count, arg) == (1, b"x")
+    assert redis_server.client().get(key) == b"1"

@@ -1,0 +1,98 @@
+"""Sentinel URLs, parsed: which Sentinels to ask, for which primary.
+
+    redis+sentinel://[[user]:password@]host1:26379,host2:26379,host3:26379/mymaster[/db]
+        [?sentinel_password=...&sentinel_username=...]
+
+The password in the netloc is the data nodes' (the primary's and replicas'); the
+Sentinels' own, if they have one, is the `sentinel_password` parameter. With
+`rediss+sentinel://` the data nodes are reached over TLS. No redis-py here: the
+settings check these URLs without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+_DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A Sentinel URL, parsed."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_username: str | None
+    sentinel_password: str | None
+    tls: bool
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """The parts of a `redis+sentinel://` URL; ValueError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        raise ValueError(f"not a Sentinel URL: scheme {parts.scheme!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    sentinels = tuple(_host_port(item) for item in hosts.split(",") if item)
+    if not sentinels:
+        raise ValueError(
+            "a Sentinel URL needs one or more host:port, e.g. "
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0"
+        )
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path or len(path) > 2:
+        raise ValueError(
+            "a Sentinel URL's path is /<service name>[/<db>], e.g. /mymaster/0 "
+            "(the name in the Sentinels' `sentinel monitor` line)"
+        )
+    db = path[1] if len(path) == 2 else "0"
+    if not db.isdigit():
+        raise ValueError(f"the database in a Sentinel URL must be a number, got {db!r}")
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    unknown = set(query) - {"sentinel_password", "sentinel_username"}
+    if unknown:
+        raise ValueError(
+            f"unknown parameters in the Sentinel URL: {', '.join(sorted(unknown))} "
+            "(known: sentinel_password, sentinel_username)"
+        )
+    return SentinelTarget(
+        sentinels=sentinels,
+        service=unquote(path[0]),
+        db=int(db),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        sentinel_username=query.get("sentinel_username"),
+        sentinel_password=query.get("sentinel_password"),
+        tls=parts.scheme == "rediss+sentinel",
+    )
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    host, sep, port = item.rpartition(":")
+    if not sep:
+        return item, _DEFAULT_SENTINEL_PORT
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a Sentinel address must be host:port, got {item!r}")
+    return host.strip("[]"), int(port)
+
+
+def redacted(url: str) -> str:
+    """`url` with its passwords replaced, for logs."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{hosts}")
+    if "sentinel_password=" in parts.query:
+        query = "&".join(
+            "sentinel_password=***" if item.startswith("sentinel_password=") else item
+            for item in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return parts.geturl()
