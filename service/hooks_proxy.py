@@ -41,7 +41,7 @@ class ProxyHooks(Hooks):
     def __init__(self, settings: Settings) -> None:
         super().__init__(timeout=settings.hook_timeout)
         self._connect_url = settings.hook_connect_url
-        # (patterns, hook), in the order the settings give them: the first match wins.
+        # (pattern, hook), in the order the settings give them: the first match wins.
         self._subscribe_rules: tuple[tuple[str, SubscribeHook], ...] = _rules(
             settings.hook_subscribe_urls, self._subscribe_call
         )

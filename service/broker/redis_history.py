@@ -2,9 +2,9 @@
 
 Per channel, two keys (hash-tagged by channel, so both land in one Cluster slot):
 
-* `<prefix>meta:{<channel>}`, a hash: `epoch` (names this history) and `seq` (the last
-  id given). It outlives the stream by `meta_ttl`, so that ids keep increasing while
-  anyone may still hold one.
+* `<prefix>meta:{<channel>}`, a hash: `epoch` (names this history), `seq` (the last
+  id given) and `srv` (the run id of the server that gave it). It outlives the stream
+  by `meta_ttl`, so that ids keep increasing while anyone may still hold one.
 * `<prefix>history:{<channel>}`, a stream of the last frames, with entry ids
   `<seq>-0`: reading "after seq N" is one XRANGE, and a gap shows as a missing seq.
 
