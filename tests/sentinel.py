@@ -1,5 +1,8 @@
 """A Sentinel group of the test's own: a primary, a replica and three Sentinels.
 
+The Sentinels run deploy/sentinel.conf, the compose stack's, with loopback addresses
+and shorter times.
+
 All on free loopback ports, each a real `redis-server` process (Sentinels are
 `redis-server <conf> --sentinel`), so that a test can SIGKILL the primary and watch
 the Sentinels promote the replica.
@@ -14,6 +17,7 @@ import redis
 
 from tests.helpers import UNIT, RedisServer, free_port, wait_for
 
+SENTINEL_CONF = Path(__file__).resolve().parents[1] / "deploy" / "sentinel.conf"
 SERVICE = "mymaster"
 # A primary silent for this long is down; then a failover may start at once.
 DOWN_AFTER_MS = 1000
@@ -44,16 +48,7 @@ class SentinelGroup:
             directory = self.workdir / f"sentinel-{index}"
             directory.mkdir(parents=True, exist_ok=True)
             config = directory / "sentinel.conf"  # Sentinels rewrite their config file
-            config.write_text(
-                f"port {port}\n"
-                "bind 127.0.0.1\n"
-                f"dir {directory}\n"
-                f"logfile {directory / 'sentinel.log'}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n"
-            )
+            config.write_text(self._config(port, directory))
             self.sentinels.append(
                 subprocess.Popen(
                     [self.primary.binary, str(config), "--sentinel"],
@@ -62,6 +57,24 @@ class SentinelGroup:
                 )
             )
         wait_for(self._sentinels_know_the_group, 20, what="the Sentinels to see the group")
+
+    def _config(self, port: int, directory: Path) -> str:
+        """deploy/sentinel.conf, on loopback ports and with the tests' shorter times."""
+        lines = []
+        for line in SENTINEL_CONF.read_text().splitlines():
+            words = line.split()
+            if words[:1] == ["port"]:
+                line = f"port {port}"
+            elif words[:3] == ["sentinel", "monitor", SERVICE]:
+                assert words[3:5] == ["redis", "6379"], line  # the compose stack's primary
+                line = f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} {words[5]}"
+            elif words[:2] == ["sentinel", "down-after-milliseconds"]:
+                line = f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}"
+            elif words[:2] == ["sentinel", "failover-timeout"]:
+                line = f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}"
+            lines.append(line)
+        lines += ["bind 127.0.0.1", f"dir {directory}", f"logfile {directory / 'sentinel.log'}"]
+        return "\n".join(lines) + "\n"
 
     def _replica_in_sync(self) -> bool:
         info = self.replica.client().info("replication")

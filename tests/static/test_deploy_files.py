@@ -141,6 +141,47 @@ def test_worker_environment_is_made_of_real_settings(
     assert not settings.auth_enabled, "the demo holds no secrets"
 
 
+SENTINEL_COMPOSE = ROOT / "deploy" / "compose.sentinel.yml"
+SENTINEL_CONF = ROOT / "deploy" / "sentinel.conf"
+
+
+def test_the_sentinel_override_follows_the_compose_specification() -> None:
+    result = run(
+        tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(SENTINEL_COMPOSE)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_sentinel_override_watches_the_stacks_redis_with_three_sentinels(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    override = yaml.safe_load(SENTINEL_COMPOSE.read_text())["services"]
+    sentinels = sorted(name for name in override if name.startswith("sentinel-"))
+    assert sentinels == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    for name in sentinels:
+        sentinel = override[name]
+        assert "./deploy/sentinel.conf:/etc/redis/sentinel.conf.in:ro" in sentinel["volumes"]
+        assert "--sentinel" in sentinel["command"][-1]
+    # The replica follows the base stack's `redis`, announced by a name workers resolve.
+    replica = " ".join(override["redis-replica"]["command"])
+    assert "--replicaof redis 6379" in replica
+    assert "--replica-announce-ip redis-replica" in replica
+    assert "redis" in compose["services"]
+    monitor = next(
+        line.split() for line in SENTINEL_CONF.read_text().splitlines() if " monitor " in line
+    )
+    assert monitor[3:6] == ["redis", "6379", "2"]  # the base stack's primary; a quorum of 2
+    # The workers' URL names every Sentinel and the monitored service, and is a valid
+    # setting together with the base stack's other ones.
+    env = {**environment_of(compose["services"]["worker"]), **environment_of(override["worker"])}
+    url = env["BROADCAST_URL"]
+    assert url == ("redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/mymaster/0")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().backend_scheme == "redis+sentinel"
+    assert set(override["worker"]["depends_on"]) == set(sentinels)
+
+
 def test_workers_get_longer_than_their_shutdown_timeout_to_stop(
     compose: dict[str, Any],
 ) -> None:
