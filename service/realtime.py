@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from fastapi import APIRouter
 from pydantic import JsonValue
 
@@ -29,7 +28,7 @@ from service.api.deps import STATE_KEY
 from service.api.identity import DependencyIdentity, Identify, token_identity
 from service.api.ws import websocket_routes
 from service.auth import IdentitySource
-from service.broker import Position, Readiness
+from service.broker import Readiness
 from service.channels import validate_channel
 from service.hooks import NO_HOOKS, Hooks
 from service.hooks_proxy import ProxyHooks
@@ -62,8 +61,6 @@ class History:
 
 
 _RUNNING = "broadcast_service_realtime"
-#: The most messages one history read returns, as over HTTP.
-MAX_HISTORY_LIMIT = 1000
 
 
 class Realtime:
@@ -172,7 +169,9 @@ class Realtime:
         runtime.metrics.published_app += 1
         return str(message_id)
 
-    async def history(self, channel: str, *, limit: int = 100, since: str | None = None) -> History:
+    async def history(
+        self, channel: str, *, limit: int = http.DEFAULT_HISTORY_LIMIT, since: str | None = None
+    ) -> History:
         """The channel's kept messages: the latest `limit`, or the first `limit` after `since`.
 
         `limit` is 1 to 1000 (ValueError otherwise). A `since` that is not a message id
@@ -180,18 +179,9 @@ class Realtime:
         """
         runtime = self.runtime
         validate_channel(channel, runtime.limits.max_channel_length)
-        if not 1 <= limit <= MAX_HISTORY_LIMIT:
-            raise ValueError(f"limit must be 1 to {MAX_HISTORY_LIMIT}, got {limit}")
-        if since is None:
-            read = await runtime.broker.history_latest(channel, limit)
-            recovered = None
-        else:
-            read = await runtime.broker.history_after(channel, Position.parse(since), limit)
-            recovered = read.recovered
-        messages = [_message(frame) for frame in read.frames]
+        if not 1 <= limit <= http.MAX_HISTORY_LIMIT:
+            raise ValueError(f"limit must be 1 to {http.MAX_HISTORY_LIMIT}, got {limit}")
+        read = await runtime.broker.history(channel, limit, since)
+        messages = [Message(id_, data) for id_, data in read.ids_and_data()]
+        recovered = None if since is None else read.recovered
         return History(channel, str(read.position), messages, recovered)
-
-
-def _message(frame: str) -> Message:
-    parsed = orjson.loads(frame)
-    return Message(parsed["id"], parsed["data"])

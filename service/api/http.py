@@ -14,7 +14,7 @@ from typing_extensions import TypedDict
 
 from service.api.deps import RuntimeDep, require_api_key
 from service.api.errors import ErrorRoute
-from service.broker import HistoryRead, Position, Replayed
+from service.broker import Replayed
 from service.channels import validate_channel
 from service.errors import ProtocolError
 from service.protocol.codes import ErrorCode
@@ -83,8 +83,9 @@ router = APIRouter(
     responses={401: _UNAUTHORIZED, 503: _UNAVAILABLE},
 )
 
-_DEFAULT_HISTORY_LIMIT = 100
-_MAX_HISTORY_LIMIT = 1000
+#: How many messages a history read returns, unless asked for fewer; and at most.
+DEFAULT_HISTORY_LIMIT = 100
+MAX_HISTORY_LIMIT = 1000
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -217,8 +218,8 @@ async def history(
     ] = None,
     limit: Annotated[
         int,
-        Query(ge=1, le=_MAX_HISTORY_LIMIT, description="How many messages at most."),
-    ] = _DEFAULT_HISTORY_LIMIT,
+        Query(ge=1, le=MAX_HISTORY_LIMIT, description="How many messages at most."),
+    ] = DEFAULT_HISTORY_LIMIT,
 ) -> Response:
     """The channel's kept messages, oldest first: the latest `limit`, or those after `since`.
 
@@ -226,18 +227,12 @@ async def history(
     whether the messages start right after it (false: history does not reach back).
     """
     validate_channel(channel, runtime.limits.max_channel_length)
-    count = limit
-    broker = runtime.broker
+    read = await runtime.broker.history(channel, limit, since)
     body: dict[str, Any] = {"channel": channel}
-    read: HistoryRead
-    if since is None:
-        read = await broker.history_latest(channel, count)
-    else:
-        read = await broker.history_after(channel, Position.parse(since), count)
+    if since is not None:
         body["recovered"] = read.recovered
     body["position"] = str(read.position)
-    # Kept frames are whole `message` frames: hand back their id and data only.
-    body["messages"] = [_id_and_data(frame) for frame in read.frames]
+    body["messages"] = [{"id": id_, "data": data} for id_, data in read.ids_and_data()]
     return Response(orjson.dumps(body), media_type="application/json")
 
 
@@ -266,8 +261,3 @@ def drop_validation_errors_from_openapi(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _id_and_data(frame: str) -> dict[str, Any]:
-    message = orjson.loads(frame)
-    return {"id": message["id"], "data": message["data"]}

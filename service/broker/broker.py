@@ -185,6 +185,16 @@ class Broker:
         """The channel's messages after `since` (all kept, or the first `limit`)."""
         return await self._history.after(channel, since, limit)
 
+    async def history(self, channel: str, limit: int, since: str | None) -> HistoryRead:
+        """What a reader asked for: the last `limit` messages, or the first after `since`.
+
+        `since` is a message id as clients hold it; one this service did not make reads
+        everything kept, not recovered.
+        """
+        if since is None:
+            return await self.history_latest(channel, limit)
+        return await self.history_after(channel, Position.parse(since), limit)
+
     async def history_latest(self, channel: str, limit: int) -> HistoryRead:
         """The channel's last `limit` messages, oldest first (0: just its position)."""
         return await self._history.latest(channel, limit)

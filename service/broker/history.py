@@ -13,6 +13,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from service.broker.randomness import base32_name
 from service.protocol.frames import message_id_of, message_parts
@@ -92,6 +95,11 @@ class HistoryRead:
         """Each message's position and frame, oldest first."""
         epoch = self.position.epoch
         return [(Position(epoch, seq), frame) for seq, frame in self.entries]
+
+    def ids_and_data(self) -> list[tuple[str, Any]]:
+        """Each message's id and published JSON value (parsed), oldest first."""
+        parsed = [orjson.loads(frame) for _, frame in self.entries]
+        return [(message["id"], message["data"]) for message in parsed]
 
 
 def read_after(
