@@ -27,8 +27,8 @@ from service.protocol.codes import ErrorCode
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a client should wait before trying again after a 503 or 504.
-RETRY_AFTER_SECONDS = "1"
+# Seconds a client should wait before trying again after a 503 or 504.
+_RETRY_AFTER_SECONDS = "1"
 
 
 class ErrorRoute(APIRoute):
@@ -47,7 +47,7 @@ class ErrorRoute(APIRoute):
                 # A query parameter FastAPI could not parse (`limit=abc`): a 400 like any
                 # bad request, not FastAPI's 422.
                 message = validation_error_message(exc.errors())
-                return _json(ErrorCode.INVALID_REQUEST.value, message, 400)
+                return error_json(ErrorCode.INVALID_REQUEST.value, message, 400)
 
         return answering
 
@@ -59,20 +59,20 @@ def error_response(exc: ServiceError) -> JSONResponse:
             status = 413 if exc.code is ErrorCode.MESSAGE_TOO_LARGE else 400
             # `invalid_frame` is the WebSocket's word; over HTTP it is `invalid_request`.
             code = ErrorCode.INVALID_REQUEST if exc.code is ErrorCode.INVALID_FRAME else exc.code
-            return _json(code.value, exc.message, status)
+            return error_json(code.value, exc.message, status)
         case Unauthorized():
-            return _json(exc.code.value, exc.message, 401, {"WWW-Authenticate": "X-API-Key"})
+            return error_json(exc.code.value, exc.message, 401, {"WWW-Authenticate": "X-API-Key"})
         case OutcomeUnknown():
             # 504, not 503: Redis (the upstream) took the publish and did not answer in
             # time, so unlike a 503 this does not say that nothing was done; the message
             # says how to retry safely.
-            return _json(exc.code.value, exc.message, 504, _retry_after())
+            return error_json(exc.code.value, exc.message, 504)
         case BrokerUnavailable():
-            return _json(exc.code.value, f"{exc.message}; retry later", 503, _retry_after())
+            return error_json(exc.code.value, f"{exc.message}; retry later", 503)
         case NotStarted():
             logger.error("%s", exc.message)
-            return _json(exc.code.value, exc.message, 500)
-    return _json(exc.wire_code(), exc.message, 500)
+            return error_json(exc.code.value, exc.message, 500)
+    return error_json(exc.wire_code(), exc.message, 500)
 
 
 def validation_error_message(errors: Sequence[Any]) -> str:
@@ -92,11 +92,10 @@ def validation_error_message(errors: Sequence[Any]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _retry_after() -> dict[str, str]:
-    return {"Retry-After": RETRY_AFTER_SECONDS}
-
-
-def _json(
+def error_json(
     code: str, message: str, status: int, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    """`{"error": code, "message": message}` with `status`; a 503 or 504 says when to retry."""
+    if status in (503, 504):
+        headers = {**(headers or {}), "Retry-After": _RETRY_AFTER_SECONDS}
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)

@@ -19,13 +19,12 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from service.adapters.uvicorn import transport_for
 from service.api.deps import NotStarted, runtime_of
-from service.api.errors import RETRY_AFTER_SECONDS
+from service.api.errors import error_json
 from service.api.identity import HandshakeRefused, Identify, Receive, Scope, Send
 from service.auth import Principal, origin_allowed
 from service.errors import HookUnavailable, Refused
@@ -127,9 +126,7 @@ async def _refuse(websocket: WebSocket, status: int, code: str, message: str) ->
         reason = message.encode()[:123].decode(errors="ignore")
         await websocket.close(CloseCode.POLICY_VIOLATION, reason)
         return
-    body = {"error": code, "message": message}
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
-    await websocket.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
+    await websocket.send_denial_response(error_json(code, message, status))
 
 
 class WebSocketEndpoints:
