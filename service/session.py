@@ -152,11 +152,15 @@ class _ChannelSession:
                 ref=ref,
             )
 
-    def _may_ask_subscribe(self, ref: Ref | None) -> None:
-        """Raise unless the app may be asked about one more subscribe now.
+    async def _ask_subscribe(self, channel: str, ref: Ref | None) -> None:
+        """Ask the app's subscribe hook, if one covers `channel`; raise if it says no.
 
-        Each costs the app a call (an HTTP request, standalone): as many as publishes.
+        Each call costs the app a call (an HTTP request, standalone): as many per second
+        as publishes.
         """
+        hook = self._rt.hooks.subscribe_hook(channel)
+        if hook is None:
+            return
         if self._asked_subscribes is None:
             settings = self._rt.settings
             self._asked_subscribes = TokenBucket(settings.publish_rate, settings.publish_burst)
@@ -167,6 +171,7 @@ class _ChannelSession:
                 "channels the app is asked about: slow down",
                 ref=ref,
             )
+        await ask(self._rt.hooks, "subscribe", hook, (self._principal, channel), ref)
 
     def _watch_expiry(self) -> None:
         """Close the connection with 1008 when its token expires (unless refreshed)."""
@@ -330,10 +335,7 @@ class Session(_ChannelSession):
                 ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}", ref=ref
             )
         self._may_subscribe(channel, ref)
-        hook = self._rt.hooks.subscribe_hook(channel)
-        if hook is not None:
-            self._may_ask_subscribe(ref)
-            await ask(self._rt.hooks, "subscribe", hook, (self._principal, channel), ref)
+        await self._ask_subscribe(channel, ref)
 
         def reply(joined: Joined) -> None:
             # Called by the hub just before the channel's first frame can be queued.
@@ -414,9 +416,7 @@ class SimpleSession(_ChannelSession):
         try:
             validate_channel(self._channel, self._rt.limits.max_channel_length)
             self._may_subscribe(self._channel, None)
-            hook = self._rt.hooks.subscribe_hook(self._channel)
-            if hook is not None:
-                await ask(self._rt.hooks, "subscribe", hook, (self._principal, self._channel))
+            await self._ask_subscribe(self._channel, None)
             await self._join(self._channel, None)
         except (ProtocolError, Refused) as exc:
             self.send_error(exc)
