@@ -19,7 +19,6 @@ import ssl
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import JsonValue
@@ -28,7 +27,7 @@ from service.auth import Principal
 from service.auth.principal import matches_any
 from service.errors import HookUnavailable, Refused
 from service.hooks import ConnectHook, Hooks, PublishHook, SubscribeHook
-from service.settings import Settings
+from service.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class ProxyHooks(Hooks):
         try:
             response = await self._client.post(url, json=body)
         except httpx.HTTPError as exc:
-            logger.warning("%s hook %s: %s", what, _shown(url), exc.__class__.__name__)
+            logger.warning("%s hook %s: %s", what, redact_url(url), exc.__class__.__name__)
             raise HookUnavailable(
                 f"the app's {what} hook could not be reached: retry later"
             ) from None
@@ -146,15 +145,6 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
 
 
-def _shown(url: str) -> str:
-    """`url` for the log: without a password, should one be in it."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
 def _client(principal: Principal) -> dict[str, Any]:
     return {
         "subject": principal.subject,
@@ -166,7 +156,7 @@ def _client(principal: Principal) -> dict[str, Any]:
 def _answer(what: str, url: str, response: httpx.Response) -> Mapping[str, Any]:
     """The backend's answer as an object, or the error the client is told."""
     if response.status_code != 200:
-        logger.warning("%s hook %s answered %d", what, _shown(url), response.status_code)
+        logger.warning("%s hook %s answered %d", what, redact_url(url), response.status_code)
         raise HookUnavailable(
             f"the app's {what} hook answered HTTP {response.status_code}: retry later"
         )
@@ -175,7 +165,9 @@ def _answer(what: str, url: str, response: httpx.Response) -> Mapping[str, Any]:
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        logger.warning("%s hook %s answered something other than a JSON object", what, _shown(url))
+        logger.warning(
+            "%s hook %s answered something other than a JSON object", what, redact_url(url)
+        )
         raise HookUnavailable(f"the app's {what} hook answered nonsense: retry later")
     error = answer.get("error")
     if error is None:
@@ -185,5 +177,5 @@ def _answer(what: str, url: str, response: httpx.Response) -> Mapping[str, Any]:
     try:
         raise Refused(str(message or f"refused by the app's {what} hook"), str(code))
     except ValueError:
-        logger.warning("%s hook %s: unusable error code %r", what, _shown(url), code)
+        logger.warning("%s hook %s: unusable error code %r", what, redact_url(url), code)
         raise Refused(str(message or f"refused by the app's {what} hook")) from None

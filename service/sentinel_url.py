@@ -80,19 +80,3 @@ def _host_port(item: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"a Sentinel address must be host:port, got {item!r}")
     return host.strip("[]"), int(port)
-
-
-def redacted(url: str) -> str:
-    """`url` with its passwords replaced, for logs."""
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.partition(":")[0]
-        parts = parts._replace(netloc=f"{user}:***@{hosts}")
-    if "sentinel_password=" in parts.query:
-        query = "&".join(
-            "sentinel_password=***" if item.startswith("sentinel_password=") else item
-            for item in parts.query.split("&")
-        )
-        parts = parts._replace(query=query)
-    return parts.geturl()

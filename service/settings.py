@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.sentinel_url import SENTINEL_SCHEMES, parse_sentinel_url, redacted
+from service.sentinel_url import SENTINEL_SCHEMES, parse_sentinel_url
 
 #: Environment variable through which the entry point hands the parsed settings to
 #: uvicorn's worker processes (they import the app anew and cannot see our argv).
@@ -496,7 +496,23 @@ class Settings(BaseSettings):
 
     def redacted_url(self) -> str:
         """`broadcast_url` with any password replaced, for logs."""
-        return redacted(self.broadcast_url)
+        return redact_url(self.broadcast_url)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its passwords replaced, for logs (a Sentinel URL's `sentinel_password` too)."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{hosts}")
+    if "sentinel_password=" in parts.query:
+        query = "&".join(
+            "sentinel_password=***" if item.startswith("sentinel_password=") else item
+            for item in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return parts.geturl()
 
 
 def _check_http_url(what: str, url: str) -> None:

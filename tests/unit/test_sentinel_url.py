@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.sentinel_url import SentinelTarget, parse_sentinel_url, redacted
+from service.sentinel_url import SentinelTarget, parse_sentinel_url
+from service.settings import redact_url
 
 
 def test_every_part_is_read() -> None:
@@ -53,9 +54,9 @@ def test_a_bad_url_says_what_is_wrong(url: str, words: str) -> None:
 
 def test_logs_show_no_password() -> None:
     url = "redis+sentinel://:pw@h1:1,h2:2/m/0?sentinel_password=sp&sentinel_username=u"
-    shown = redacted(url)
+    shown = redact_url(url)
     assert "pw" not in shown.replace("sentinel_password", "")
     assert "sp" not in shown.replace("sentinel_password", "")
     assert shown == "redis+sentinel://:***@h1:1,h2:2/m/0?sentinel_password=***&sentinel_username=u"
-    assert redacted("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
-    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+    assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
