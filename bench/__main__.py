@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import report, scenarios
+from bench.servers import REDIS_MODES
 
 # Settings every benchmark worker gets: the generator's publishers send far more than
 # the per-connection default of 20 a second that protects a public service.
@@ -72,11 +73,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "versions measured in the same run, on the same machine at the same moment",
     )
     parser.add_argument(
+        "--redis",
+        choices=REDIS_MODES,
+        default="single",
+        help="single: one redis-server (default); cluster: a local Redis Cluster of 3 "
+        "primaries and 3 replicas; workers get BROADCAST_URL=redis-cluster://...",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default bench/results/<time>)"
     )
     args = parser.parse_args(argv)
     if args.floor and args.uvicorn:
         parser.error("--floor runs no uvicorn: leave out --uvicorn")
+    if args.floor and args.redis != "single":
+        parser.error("--floor talks to one redis-server: leave out --redis cluster")
     if args.compare is not None:
         if args.floor:
             parser.error("--floor runs no service: leave out --compare")
@@ -132,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             uvicorn_overrides,
             floor=args.floor,
             compare=args.compare,
+            redis=args.redis,
         )
         measurements.append(measurement)
         print(f"      done in {time.monotonic() - started:.0f} s", flush=True)
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "uvicorn": uvicorn_overrides,
         "floor": args.floor,
         "compare": None if args.compare is None else str(args.compare),
+        "redis": args.redis,
     }
     report.write_json(measurements, out / "results.json", document_settings)
     report.plot(measurements, out / "plot.png")

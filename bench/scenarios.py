@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
-from bench.servers import Servers, cpu_seconds
+from bench.servers import Servers
 
 
 @dataclass(frozen=True)
@@ -179,14 +179,22 @@ def run(
     *,
     floor: bool = False,
     compare: Path | None = None,
+    redis: str = "single",
 ) -> Measurement:
     """Start fresh servers, drive them through `scenario`, stop them; the measurement.
 
     With `floor`, the workers are bench/floor.py's, not the service's; with `compare`,
-    every second one is the service of that checkout.
+    every second one is the service of that checkout; with `redis="cluster"`, Redis is a
+    local Redis Cluster, and its CPU is all of its nodes'.
     """
     servers_of = Servers(
-        workdir, workers, worker_env, uvicorn_overrides, floor=floor, compare=compare
+        workdir,
+        workers,
+        worker_env,
+        uvicorn_overrides,
+        floor=floor,
+        compare=compare,
+        redis=redis,
     )
     with servers_of as servers:
         measurement = Measurement(scenario, workers, {})
@@ -195,11 +203,9 @@ def run(
 
         def mark(name: str) -> None:
             servers.check_alive()
-            redis = servers.redis
-            assert redis is not None
             # Each process read once: the workers' figures then add up to their total.
             each[name] = servers.worker_cpu_seconds()
-            redis_cpu = cpu_seconds(redis.pid)
+            redis_cpu = servers.redis_cpu_seconds()
             marks[name] = (time.monotonic(), sum(each[name]) + redis_cpu, redis_cpu)
 
         def ready() -> None:

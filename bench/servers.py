@@ -1,7 +1,9 @@
 """The servers under load: one redis-server and N workers, each its own process.
 
-Started on free loopback ports, read through /proc (CPU seconds, resident memory) and
-stopped by their own PIDs. Nothing here touches a Redis the benchmark did not start.
+Or, with `redis="cluster"`, a local Redis Cluster (bench/redis_cluster.py) in place of
+the one redis-server. Started on free loopback ports, read through /proc (CPU seconds,
+resident memory) and stopped by their own PIDs. Nothing here touches a Redis the
+benchmark did not start.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from service.settings import SETTINGS_ENV_VAR, Settings
 
+if TYPE_CHECKING:
+    from bench.redis_cluster import LocalCluster
+
 _TICKS = os.sysconf("SC_CLK_TCK")
+#: What `Servers(redis=...)` takes: one redis-server, or a local Redis Cluster.
+REDIS_MODES = ("single", "cluster")
 
 
 def free_port() -> int:
@@ -45,16 +54,24 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def _wait(condition: object, timeout: float, what: str) -> None:
+def _wait(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    errors: tuple[type[Exception], ...] = (OSError, httpx.HTTPError),
+) -> None:
+    """Poll `condition` until it is true; `errors` mean "not yet" and the last is reported."""
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            if condition():  # type: ignore[operator]
+            if condition():
                 return
-        except (OSError, httpx.HTTPError):
-            pass
+        except errors as exc:
+            last = exc
         time.sleep(0.05)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+    because = "" if last is None else f" (last error: {last!r})"
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}{because}")
 
 
 @dataclass
@@ -92,7 +109,8 @@ class Servers:
 
     With `floor`, the workers are bench/floor.py's instead of the service's. With
     `compare` (a checkout of this project), the odd-numbered workers import the service
-    from there.
+    from there. With `redis="cluster"`, Redis is a LocalCluster of 3 primaries and 3
+    replicas, and the workers get its redis-cluster:// URL.
     """
 
     def __init__(
@@ -104,14 +122,20 @@ class Servers:
         *,
         floor: bool = False,
         compare: Path | None = None,
+        redis: str = "single",
     ) -> None:
+        if redis not in REDIS_MODES:
+            raise ValueError(f"redis is one of {', '.join(REDIS_MODES)}, not {redis!r}")
         self.workdir = workdir
         self.worker_count = workers
         self.worker_env = worker_env
         self.uvicorn_overrides = uvicorn_overrides or {}
         self.floor = floor
         self.compare = compare
+        self.redis_mode = redis
         self.redis: Process | None = None
+        self.cluster: LocalCluster | None = None
+        self.broadcast_url = ""  # the workers' BROADCAST_URL, once Redis is up
         self.workers: list[Process] = []
         self.ports: list[int] = []
 
@@ -130,8 +154,23 @@ class Servers:
 
     @property
     def processes(self) -> list[Process]:
-        """Every server process: the workers and Redis."""
-        return [*self.workers, *([self.redis] if self.redis else [])]
+        """Every server process: the workers and Redis (every node of a cluster)."""
+        return [*self.workers, *self.redis_processes]
+
+    @property
+    def redis_processes(self) -> list[Process]:
+        """The redis-server, or every node of the cluster."""
+        if self.cluster is not None:
+            return self.cluster.processes
+        return [self.redis] if self.redis else []
+
+    def redis_cpu_seconds(self) -> float:
+        """CPU time Redis has used so far: all of its processes, with a cluster."""
+        return sum(cpu_seconds(p.pid) for p in self.redis_processes)
+
+    def redis_rss(self) -> int:
+        """Resident memory of Redis now: all of its processes, with a cluster."""
+        return sum(rss_bytes(p.pid) for p in self.redis_processes)
 
     def ws_urls(self) -> list[str]:
         """Each worker's protocol endpoint."""
@@ -152,8 +191,10 @@ class Servers:
 
     def stop(self) -> None:
         """Stop every process this started, by PID: the workers first, then Redis."""
-        for process in self.processes:
+        for process in [*self.workers, *([self.redis] if self.redis else [])]:
             process.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         log = self.workdir / f"{name}.log"
@@ -164,6 +205,14 @@ class Servers:
         return Process(name, popen, log)
 
     def _start_redis(self) -> None:
+        if self.redis_mode == "cluster":
+            # Imported here: bench.redis_cluster builds on this module's helpers.
+            from bench.redis_cluster import LocalCluster
+
+            self.cluster = LocalCluster(self.workdir / "redis-cluster", primaries=3, replicas=1)
+            self.cluster.start()
+            self.broadcast_url = self.cluster.url
+            return
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).exists():
             raise RuntimeError("redis-server is not installed: run scripts/bootstrap")
@@ -184,13 +233,14 @@ class Servers:
                 return sock.recv(16).startswith(b"+PONG")
 
         _wait(answers, 20, "redis-server")
+        self.broadcast_url = f"redis://127.0.0.1:{self.redis_port}/0"
 
     def _start_workers(self) -> None:
         # Only the settings given here: none from the shell that runs the benchmark.
         settings = {name.upper() for name in Settings.model_fields} | {SETTINGS_ENV_VAR}
         env = {key: value for key, value in os.environ.items() if key not in settings}
         env.update(self.worker_env)
-        env["BROADCAST_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        env["BROADCAST_URL"] = self.broadcast_url
         if self.floor or self.uvicorn_overrides:
             # bench.* is found from the repository, wherever the worker runs.
             env["PYTHONPATH"] = os.pathsep.join(

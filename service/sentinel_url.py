@@ -39,7 +39,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         raise ValueError(f"not a Sentinel URL: scheme {parts.scheme!r}")
     userinfo, _, hosts = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-    sentinels = tuple(_host_port(item) for item in hosts.split(",") if item)
+    sentinels = host_list(hosts, _DEFAULT_SENTINEL_PORT, "Sentinel")
     if not sentinels:
         raise ValueError(
             "a Sentinel URL needs one or more host:port, e.g. "
@@ -73,10 +73,15 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
-def _host_port(item: str) -> tuple[str, int]:
+def host_list(hosts: str, default_port: int, what: str) -> tuple[tuple[str, int], ...]:
+    """`h1:p1,h2,[::1]:p3` as (host, port) pairs; ValueError naming `what` on a bad one."""
+    return tuple(_host_port(item, default_port, what) for item in hosts.split(",") if item)
+
+
+def _host_port(item: str, default_port: int, what: str) -> tuple[str, int]:
     host, sep, port = item.rpartition(":")
     if not sep:
-        return item, _DEFAULT_SENTINEL_PORT
+        return item, default_port
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"a Sentinel address must be host:port, got {item!r}")
+        raise ValueError(f"a {what} address must be host:port, got {item!r}")
     return host.strip("[]"), int(port)

@@ -23,13 +23,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.cluster_url import CLUSTER_SCHEMES, parse_cluster_url
 from service.sentinel_url import SENTINEL_SCHEMES, parse_sentinel_url
 
 #: Environment variable through which the entry point hands the parsed settings to
 #: uvicorn's worker processes (they import the app anew and cannot see our argv).
 SETTINGS_ENV_VAR = "BROADCAST_SERVICE_SETTINGS_JSON"
 
-_BACKEND_SCHEMES = ("memory", "redis", "rediss", *SENTINEL_SCHEMES)
+_BACKEND_SCHEMES = ("memory", "redis", "rediss", *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -86,8 +87,9 @@ class Settings(BaseSettings):
     broadcast_url: str = Field(
         "memory://",
         description=(
-            "Pub/sub backend: memory:// (one process only) or redis://[:password@]host:port/db "
-            "(rediss:// for TLS)."
+            "Pub/sub backend: memory:// (one process only), redis://[:password@]host:port/db "
+            "(rediss:// for TLS), redis+sentinel://host:26379,.../<service>[/db] or "
+            "redis-cluster://host:6379,host:6379,... (rediss+sentinel://, rediss-cluster://)."
         ),
     )
     redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:\-]{0,64}$")] = Field(
@@ -353,6 +355,8 @@ class Settings(BaseSettings):
             )
         if parts.scheme in SENTINEL_SCHEMES:
             parse_sentinel_url(value)  # raises ValueError saying what is wrong
+        elif parts.scheme in CLUSTER_SCHEMES:
+            parse_cluster_url(value)
         elif parts.scheme != "memory":
             if not parts.hostname:
                 raise ValueError("BROADCAST_URL needs a host, e.g. redis://127.0.0.1:6379/0")
@@ -487,7 +491,7 @@ class Settings(BaseSettings):
 
     @property
     def backend_scheme(self) -> str:
-        """Scheme of `broadcast_url` (memory, redis or rediss)."""
+        """Scheme of `broadcast_url` (memory, redis, rediss, or a Sentinel or Cluster one)."""
         return urlsplit(self.broadcast_url).scheme
 
     def resolved_worker_id(self) -> str:

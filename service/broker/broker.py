@@ -135,6 +135,7 @@ class Broker:
                 self._redis.client,
                 pipe=self._redis.script_pipe,
                 pubsub_key=self._redis.key,
+                publish_command=self._redis.publish_command,
                 prefix=settings.redis_prefix,
                 size=settings.history_size,
                 ttl=settings.history_ttl,

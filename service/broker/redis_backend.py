@@ -9,40 +9,40 @@ This backend keeps broadcaster's `BroadcastBackend` interface, but:
 
 * `subscribe`/`unsubscribe` only change a *wanted* set (and send the command when a
   connection is up); they never raise, so broadcaster's bookkeeping stays consistent.
-* One reader task owns a dedicated pub/sub connection (not a pool connection). It
-  reconnects with jittered exponential backoff and re-subscribes everything wanted;
-  it catches every error, so it cannot end while the backend is open. The messages
-  themselves are parsed and handed on from inside each read (`reply_reader`), to the
-  channel's `ChannelSink` with their position: broadcaster's listener gets none.
-* A watchdog pings the pub/sub connection when it is silent and rebuilds it when no
-  reply comes in time, which `health_check_interval` does not do for a frozen Redis.
-* After a reconnect, each channel that was live is told `interrupted()` once it is
-  confirmed again, so the hub can fill the gap from history.
+* Each channel is routed to the link of the node that serves it
+  (service/broker/pubsub_link.py: one self-healing connection with its watchdog and
+  canary): one link with one Redis, one per primary with a Redis Cluster
+  (service/broker/redis_topology.py). The messages are parsed and handed on from inside
+  each read, to the channel's `ChannelSink` with their position: broadcaster's listener
+  gets none.
+* When a link reports a node gone or a slot moved, the router learns the topology again
+  and moves the channels to the links that serve them now. A channel that was live is
+  told `interrupted()` once it is confirmed again (after a reconnect or a move), so
+  the hub can fill the gap from history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from typing import Any
 
 from broadcaster import BroadcastBackend, Event
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.maint_notifications import MaintNotificationsConfig
+from redis.exceptions import RedisClusterException, RedisError
 
-from service.broker.canary import Canary
 from service.broker.history import position_of
+from service.broker.pubsub_link import PubSubLink
 from service.broker.redis_pipe import ScriptPipe
+from service.broker.redis_topology import Node, Topology, own_connection, topology
 from service.broker.redis_url import connection_pool
-from service.broker.replies import Replies, reply_reader
+from service.broker.routed_pipe import RoutedPipe
 from service.broker.sink import ChannelSink
+from service.cluster_url import CLUSTER_SCHEMES
 from service.errors import BrokerUnavailable
 from service.protocol.frames import message_head
 
@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 # Log the first non-UTF-8 payload, then one in this many.
 _DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
+#: What redis-py raises when Redis fails a command: RedisCluster's own errors are not
+#: RedisErrors.
+REDIS_ERRORS = (RedisError, RedisClusterException)
 
 
 def check_redis_url(url: str) -> None:
@@ -60,6 +63,8 @@ def check_redis_url(url: str) -> None:
     to interpret, and it rejects a bad value when parsing the URL and an unknown
     parameter only when it builds a connection.
     """
+    if url.partition("://")[0] in CLUSTER_SCHEMES:
+        return  # no query string: the settings checked all of it
     try:
         connection_pool(url).make_connection()  # type: ignore[no-untyped-call]
     except (TypeError, ValueError, RedisError) as exc:
@@ -67,7 +72,7 @@ def check_redis_url(url: str) -> None:
 
 
 class RedisBackend(BroadcastBackend):
-    """broadcaster backend over one self-healing Redis pub/sub connection per worker."""
+    """broadcaster backend over self-healing Redis pub/sub connections, one per node."""
 
     def __init__(
         self,
@@ -88,17 +93,25 @@ class RedisBackend(BroadcastBackend):
         self._prefix = prefix
         self._client_name = client_name
         self._timeout = timeout
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
         self._retry_max_delay = retry_max_delay
-        # Read the pub/sub and publish connections with `ReplyTap` when its start-up check
-        # passes (service/broker/replies.py); False: redis-py's public reads only.
+        self._link_options: dict[str, Any] = {
+            "prefix": prefix,
+            "client_name": client_name,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
+            "retry_max_delay": retry_max_delay,
+            "canary_interval": canary_interval,
+            "canary_timeout": canary_timeout,
+            # Read the pub/sub and publish connections with `ReplyTap` when its start-up
+            # check passes (service/broker/replies.py); False: redis-py's public reads only.
+            "fast": fast,
+        }
         self._fast = fast
-        # Redis.from_url builds a client with no retries. The Retry must be
-        # redis.asyncio.retry.Retry: the sync class accepts async commands but never retries
-        # them (test_publish_rides_out_a_dropped_command_connection). Retry only on
-        # connection errors: a timed-out script may still run later, and running it twice
-        # would publish the message twice.
+        # The client's Retry must be redis.asyncio.retry.Retry: the sync class accepts
+        # async commands but never retries them
+        # (test_publish_rides_out_a_dropped_command_connection). Retry only on connection
+        # errors: a timed-out script may still run later, and running it twice would
+        # publish the message twice.
         # A blocking pool: redis-py's default pool raises "Too many connections" at once
         # when every connection is busy, which failed resumes in a reconnect storm
         # (docs/performance.md, "What changed, and what each part bought", no. 3;
@@ -108,7 +121,7 @@ class RedisBackend(BroadcastBackend):
             retries=3,
             supported_errors=(RedisConnectionError,),
         )
-        pool = connection_pool(
+        self._topology: Topology = topology(
             url,
             max_connections=max_connections,
             timeout=timeout,
@@ -118,84 +131,71 @@ class RedisBackend(BroadcastBackend):
             socket_connect_timeout=timeout,
             retry=self._retry,
         )
-        self._client: Redis = Redis(connection_pool=pool)
-        self._pipes: list[ScriptPipe] = []
+        self._kind = self._topology.kind
+        self._pipes: list[RoutedPipe] = []
         # channel name -> (its frames' head, what takes its messages): `attach`
         self._sinks: dict[str, tuple[str, ChannelSink]] = {}
         # channel name -> set once Redis confirmed our latest SUBSCRIBE to it
         self._wanted: dict[str, asyncio.Event] = {}
-        # prefixed channel (bytes, as Redis sends it) -> channel name
+        # pub/sub channel (bytes, as Redis sends it) -> channel name
         self._names: dict[bytes, str] = {}
-        # channel name -> SUBSCRIBE commands sent on the current connection, not yet confirmed
-        self._pending: dict[str, int] = {}
-        # Channels wanted when the current connection was made and not yet re-confirmed on
-        # it: while any is left, the worker is deaf to them (readiness is false). A channel
-        # subscribed later is not counted: its subscriber waits for it, nobody else does.
-        self._resubscribing: set[str] = set()
-        # Channels that were live when the connection broke: told `interrupted()` once the
-        # channel is confirmed again.
-        self._gaps: set[str] = set()
-        self._conn: AbstractConnection | None = None
-        self._generation = 0
-        self._reader: asyncio.Task[None] | None = None
-        # `#` is never part of a channel name, so no client can subscribe to or spoof it;
-        # the random part keeps it this process's own even if workers share a WORKER_ID.
-        self._canary_key = f"{client_name}#canary:{os.urandom(6).hex()}".encode()
-        self._canary = Canary(
-            interval=canary_interval,
-            timeout=canary_timeout,
-            publish=lambda nonce: self._client.publish(self._canary_key, nonce),
-            generation=self._canary_generation,
-            on_deaf=self._deafened,
-            on_heard=self._heard_canary,
-        )
-        self._canary_task: asyncio.Task[None] | None = None
-        self._canary_subscribed = False
-        self._deaf: str | None = None
-        self.deaf_detections = 0
-        self.reconnects = 0
+        # node name -> its link; channel name -> the link that holds it
+        self._links: dict[str, PubSubLink] = {}
+        self._routes: dict[str, PubSubLink] = {}
+        # Dropped by a node while live: told `interrupted()` once confirmed elsewhere.
+        self._moved_live: set[str] = set()
+        self._router: asyncio.Task[None] | None = None
+        self._reroute = asyncio.Event()
+        self._topology_error = ""
+        # What links that were closed had counted.
+        self._retired = {"reconnects": 0, "deaf_detections": 0, "canary_checks": 0}
         self.dropped_payloads = 0
-        self.last_error = "not connected yet"
 
     # -- broadcaster's interface ------------------------------------------------------
 
     async def connect(self) -> None:
-        """Start the reader; it connects (and keeps reconnecting) in the background."""
-        self._reader = asyncio.create_task(self._run_reader(), name="redis-pubsub-reader")
-        self._canary_task = asyncio.create_task(self._canary.run(), name="redis-canary")
+        """Start the links and the router; they connect (and reconnect) in the background."""
+        for node in self._topology.nodes():
+            self._link_for(node)
+        self._router = asyncio.create_task(self._route_forever(), name="redis-router")
 
     async def disconnect(self) -> None:
-        """Stop the reader and the canary and close both connections."""
-        tasks = [t for t in (self._reader, self._canary_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop the router and the links and close every connection."""
+        if self._router is not None:
+            self._router.cancel()
+            await asyncio.gather(self._router, return_exceptions=True)
+        for link in self._links.values():
+            await link.close()
         for pipe in self._pipes:
             await pipe.close()
-        await self._client.aclose(close_connection_pool=True)
+        await self._topology.close()
 
     async def subscribe(self, channel: str) -> None:
-        """Want `channel`; sent now if connected, else when the reader reconnects."""
+        """Want `channel`; sent now if connected, else when its link (re)connects."""
         key = self.key(channel)
         self._wanted[channel] = asyncio.Event()
         self._names[key] = channel
-        await self._command("SUBSCRIBE", key, channel=channel)
+        node = self._topology.node_for(key)
+        if node is None:
+            self._reroute.set()  # the topology is not known yet: routed once it is
+            return
+        await self._route(channel, self._link_for(node))
 
     async def unsubscribe(self, channel: str) -> None:
         """Stop wanting `channel`."""
         if self._wanted.pop(channel, None) is None:
             return
-        self._resubscribing.discard(channel)
-        self._gaps.discard(channel)
-        key = self.key(channel)
-        self._names.pop(key, None)
-        await self._command("UNSUBSCRIBE", key)
+        self._names.pop(self.key(channel), None)
+        self._moved_live.discard(channel)
+        link = self._routes.pop(channel, None)
+        if link is not None:
+            await link.remove(channel)
 
     async def publish(self, channel: str, message: Any) -> None:
-        """PUBLISH a ready frame (used for join/leave events, which carry no id)."""
+        """Publish a ready frame (used for join/leave events, which carry no id)."""
         try:
-            await self._client.publish(self.key(channel), message)
-        except RedisError as exc:
+            await self._topology.publish(self.key(channel), message)
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"Redis did not accept the event: {exc}") from exc
 
     async def next_published(self) -> Event:
@@ -216,30 +216,40 @@ class RedisBackend(BroadcastBackend):
     # -- what the broker adds ---------------------------------------------------------
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Redis | RedisCluster:
         """The client for commands (not pub/sub), shared with the history store."""
-        return self._client
+        return self._topology.client
 
-    def script_pipe(self, script: str) -> ScriptPipe:
-        """A runner of `script` on a connection of its own, for the hot path (publishes).
+    @property
+    def publish_command(self) -> bytes:
+        """What the publish script publishes with: PUBLISH, or SPUBLISH on a cluster."""
+        return self._kind.publish
+
+    def script_pipe(self, script: str) -> RoutedPipe:
+        """A runner of `script` on connections of its own, for the hot path (publishes).
 
         Retried like the pool's commands (connection errors only); closed with the backend.
         """
         # Named apart from the pool's connections, so that CLIENT LIST tells them apart.
         name = f"{self._client_name}:publish"
-        pipe = ScriptPipe(
-            script,
-            lambda: self._new_connection(client_name=name),
-            timeout=self._timeout,
-            retry=self._retry,
-            fast=self._fast,
-        )
+
+        def pipe_to(node: Node) -> ScriptPipe:
+            return ScriptPipe(
+                script,
+                lambda: own_connection(node, client_name=name),
+                timeout=self._timeout,
+                retry=self._retry,
+                fast=self._fast,
+                identify=self._topology.identify,
+            )
+
+        pipe = RoutedPipe(script, self._topology, pipe_to, on_misrouted=self._reroute.set)
         self._pipes.append(pipe)
         return pipe
 
     def key(self, channel: str) -> bytes:
         """The Redis pub/sub channel of `channel`."""
-        return (self._prefix + channel).encode()
+        return self._kind.key(self._prefix, channel)
 
     async def wait_subscribed(self, channel: str) -> None:
         """Return once Redis confirmed the subscription to `channel` (at once if not wanted)."""
@@ -257,220 +267,166 @@ class RedisBackend(BroadcastBackend):
             ) from None
 
     def subscriptions_alive(self) -> bool:
-        """True when connected, re-subscribed after connecting, and not found deaf."""
-        return self._conn is not None and not self._resubscribing and self._deaf is None
+        """True when every link is connected, re-subscribed and not deaf, and all routed."""
+        return not self.problem()
+
+    @property
+    def reconnects(self) -> int:
+        """Pub/sub connections rebuilt, over every link."""
+        return self._retired["reconnects"] + sum(x.reconnects for x in self._links.values())
+
+    @property
+    def deaf_detections(self) -> int:
+        """Times a link was found deaf by its canary."""
+        deaf = sum(x.deaf_detections for x in self._links.values())
+        return self._retired["deaf_detections"] + deaf
 
     @property
     def canary_checks(self) -> int:
-        """Canary round trips that came back."""
-        return self._canary.checks
+        """Canary round trips that came back, over every link."""
+        checks = sum(x.canary_checks for x in self._links.values())
+        return self._retired["canary_checks"] + checks
+
+    @property
+    def last_error(self) -> str:
+        """The last error of a link that is down ("" when none is)."""
+        return next((x.last_error for x in self._links.values() if x.last_error), "")
 
     def problem(self) -> str:
         """Why `subscriptions_alive()` is false, for operators ("" when it is true)."""
-        if self._conn is None:
-            return f"pub/sub connection down: {self.last_error}"
-        if self._resubscribing:
-            return f"re-subscribing {len(self._resubscribing)} channels"
-        return self._deaf or ""
-
-    async def _deafened(self, reason: str) -> None:
-        self.deaf_detections += 1
-        self._deaf = f"deaf: {reason}"
-        logger.warning("Redis subscription is deaf (%s): rebuilding it", reason)
-        conn = self._conn
-        if conn is not None:
-            # The reader's pending read fails on the closed connection; it reconnects,
-            # re-subscribes, and marks the interruption, as after any other break.
-            await conn.disconnect(nowait=True)
-
-    def _canary_generation(self) -> int | None:
-        # Checking before Redis confirmed the canary's own SUBSCRIBE would read a
-        # reconnect as deafness ("0 receivers").
-        if self._conn is None or not self._canary_subscribed:
-            return None
-        return self._generation
-
-    def _heard_canary(self) -> None:
-        if self._deaf is not None:
-            logger.warning("Redis subscription hears again (%s)", self._deaf)
-            self._deaf = None
+        if not self._links:
+            return f"Redis Cluster topology unknown: {self._topology_error or 'not asked yet'}"
+        for link in self._links.values():
+            problem = link.problem()
+            if problem:
+                return problem if len(self._links) == 1 else f"{link.node.name}: {problem}"
+        unrouted = len(self._wanted) - len(self._routes)
+        if unrouted:
+            return f"{unrouted} channels wait for the cluster's topology"
+        return ""
 
     async def ping(self) -> None:
-        """One PING on the command connection; raises BrokerUnavailable."""
+        """One PING of every node; raises BrokerUnavailable."""
         try:
-            await self._client.ping()
-        except RedisError as exc:
+            await self._topology.ping()
+        except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"Redis is unreachable: {exc}") from exc
 
-    # -- the reader ---------------------------------------------------------------------
+    # -- what links tell (service/broker/pubsub_link.py) --------------------------------
 
-    async def _command(self, *args: bytes | str, channel: str | None = None) -> None:
-        conn = self._conn
-        # Only write on a live connection: `send_command` would otherwise reconnect it
-        # from this task, behind the reader's back.
-        if conn is None or not conn.is_connected:
-            return
-        if channel is not None:
-            self._pending[channel] = self._pending.get(channel, 0) + 1
+    def delivered(self, key: bytes, data: bytes) -> None:
+        """A message on pub/sub channel `key`: to its channel's sink, with its position."""
+        channel = self._names.get(key)
+        attached = None if channel is None else self._sinks.get(channel)
+        if attached is None:
+            return  # unsubscribed meanwhile
         try:
-            await conn.send_command(*args, check_health=False)
-        except Exception as exc:
-            # Whatever broke (redis-py can even raise AttributeError when the reader tears
-            # the connection down mid-write), the reader reconnects and re-subscribes all
-            # wanted channels; raising here would corrupt broadcaster's bookkeeping.
-            logger.debug("pub/sub command %s not sent: %r", args[0], exc)
+            text = data.decode()
+        except UnicodeDecodeError:
+            # Not one of our frames (someone else published on our prefix); skipping it
+            # must not end the reader (broadcaster issue #144's other trigger).
+            self.dropped_payloads += 1
+            if self.dropped_payloads % _DROPPED_PAYLOAD_LOG_EVERY == 1:
+                logger.warning(
+                    "dropped a non-UTF-8 payload on channel %r (%d so far): something "
+                    "other than this service publishes under prefix %r",
+                    channel,
+                    self.dropped_payloads,
+                    self._prefix,
+                )
+            return
+        head, sink = attached
+        sink.message(position_of(text, head), text)
 
-    def _new_connection(self, client_name: str | None = None) -> AbstractConnection:
-        pool = self._client.connection_pool
-        # A connection of our own, outside the pool, with no retries of its own: its user
-        # (the pub/sub reader, a script pipe) decides when and how often to reconnect, and
-        # reads its replies itself (`reply_reader`). RESP2, because redis-py 8 speaks RESP3
-        # by default and then routes pub/sub messages through a push handler that formats a
-        # debug line for each one; in RESP2 they are plain replies.
-        kwargs = {
-            **pool.connection_kwargs,
-            "retry": Retry(NoBackoff(), 0),
-            "protocol": 2,
-            # Cluster maintenance notifications need RESP3, which this connection does not speak.
-            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
-            "maint_notifications_pool_handler": None,
-        }
-        if client_name is not None:
-            kwargs["client_name"] = client_name
-        return pool.connection_class(**kwargs)
+    def confirmed(self, channel: str, interrupted: bool) -> None:
+        """Redis confirmed `channel`: its subscribers are live; a gap is filled."""
+        confirmed = self._wanted.get(channel)
+        if confirmed is None:
+            return
+        confirmed.set()
+        if interrupted or channel in self._moved_live:
+            self._moved_live.discard(channel)
+            attached = self._sinks.get(channel)
+            if attached is not None:
+                attached[1].interrupted()
 
-    async def _run_reader(self) -> None:
+    def unconfirmed(self, channel: str) -> None:
+        """`channel`'s subscription is not known to hold any more."""
+        confirmed = self._wanted.get(channel)
+        if confirmed is not None:
+            confirmed.clear()
+
+    def dropped(self, channel: str, interrupted: bool) -> None:
+        """A node no longer serves `channel`: route it anew."""
+        self.unconfirmed(channel)
+        if self._routes.get(channel) is not None:
+            del self._routes[channel]
+        if interrupted and channel in self._wanted:
+            self._moved_live.add(channel)
+        self._reroute.set()
+
+    def misrouted(self) -> None:
+        """A node is gone or serves other slots: learn the topology anew."""
+        self._reroute.set()
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _link_for(self, node: Node) -> PubSubLink:
+        link = self._links.get(node.name)
+        if link is None:
+            link = PubSubLink(self, node, self._topology, **self._link_options)
+            self._links[node.name] = link
+            link.start()
+        return link
+
+    async def _route(self, channel: str, link: PubSubLink) -> None:
+        current = self._routes.get(channel)
+        if current is link:
+            return
+        interrupted = channel in self._moved_live
+        if current is not None:
+            interrupted = await current.remove(channel) or interrupted
+        self._routes[channel] = link
+        if interrupted:
+            self._moved_live.discard(channel)
+            self.unconfirmed(channel)
+        await link.add(channel, interrupted=interrupted)
+
+    async def _route_forever(self) -> None:
+        """Learn the topology whenever asked to, and move channels to where they live."""
         delay = _FIRST_RETRY_DELAY
-        failures = 0
+        self._reroute.set()
         while True:
-            conn: AbstractConnection | None = None
-            replies: Replies | None = None
+            await self._reroute.wait()
+            self._reroute.clear()
             try:
-                conn = self._new_connection()
-                await conn.connect()  # type: ignore[no-untyped-call]
-                # Before anything is sent: every reply from here on goes to `_reply`.
-                replies = reply_reader(conn, self._reply, fast=self._fast)
-                # From here on `subscribe` sends on this connection itself; everything wanted
-                # before this point is in the snapshot below (no await in between).
-                self._conn = conn
-                self._generation += 1
-                self._canary_subscribed = False
-                self._pending = dict.fromkeys(self._wanted, 1)
-                self._resubscribing = set(self._wanted)
-                keys = [self.key(channel) for channel in self._wanted]
-                await conn.send_command("SUBSCRIBE", self._canary_key, *keys, check_health=False)
-                if failures:
-                    logger.warning("Redis pub/sub connection restored after %d failures", failures)
-                delay, failures = _FIRST_RETRY_DELAY, 0
-                self.last_error = ""
-                await self._watch(conn, replies)
+                await self._topology.refresh()
+                await self._route_all()
+                self._topology_error = ""
+                delay = _FIRST_RETRY_DELAY
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the reader must outlive any error
-                failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log = logger.warning if failures == 1 or failures % 20 == 0 else logger.debug
-                log(
-                    "Redis pub/sub connection failed (attempt %d, retrying in %.2f s): %s",
-                    failures,
-                    delay,
-                    self.last_error,
-                )
-            finally:
-                self._conn = None
-                for channel, confirmed in self._wanted.items():
-                    if confirmed.is_set():
-                        self._gaps.add(channel)
-                    confirmed.clear()
-                if replies is not None:
-                    await replies.aclose()  # the public reader's task ends with it
-                if conn is not None:
-                    await conn.disconnect(nowait=True)
-            self.reconnects += 1
+            except Exception as exc:  # the router must outlive any error
+                self._topology_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("Redis topology not learnt (%s): trying again", exc)
+                self._reroute.set()
+            # Links that keep failing ask again at once: ask the cluster at most this often.
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self._retry_max_delay)
 
-    async def _watch(self, conn: AbstractConnection, replies: Replies) -> None:
-        """Until the connection ends: ping it when silent, end it when a ping goes unheard.
-
-        Messages do not pass through here: the reader `reply_reader` chose hands each
-        reply to `_reply` (with the tap, from inside the read: no task step and no timeout
-        per read; docs/performance.md, "What changed, and what each part bought", no. 5).
-        """
-        loop = asyncio.get_running_loop()
-        pinged_at: float | None = None  # last_heard when the pending PING went out
-        while not replies.ended.done():
-            silent = loop.time() - replies.last_heard
-            if silent >= self._ping_interval + self._ping_timeout:
-                raise TimeoutError(f"no reply from Redis for {silent:.1f} s")
-            if silent >= self._ping_interval and pinged_at != replies.last_heard:
-                pinged_at = replies.last_heard
-                await conn.send_command("PING", check_health=False)
-            # Wake when the connection ends, or at the next mark of the silence as it is
-            # now, not as it was before the send: its answer may have come meanwhile (on
-            # a busy machine it did, and the next wake found the connection "silent" for
-            # the whole timeout). A ping `ping_interval` after the last reply, the end
-            # `ping_timeout` after that while the ping is unanswered.
-            mark = self._ping_interval
-            if pinged_at == replies.last_heard:
-                mark += self._ping_timeout
-            await asyncio.wait([replies.ended], timeout=replies.last_heard + mark - loop.time())
-        raise replies.ended.result()
-
-    def _reply(self, reply: Any) -> None:
-        if isinstance(reply, Exception):  # an error reply (reply_error made it)
-            raise reply
-        if isinstance(reply, list) and len(reply) == 3:
-            self._handle(reply[0], reply[1], reply[2])
-
-    def _handle(self, kind: bytes, key: bytes, data: Any) -> None:
-        if key == self._canary_key:
-            if kind == b"message":
-                self._canary.heard(data)
-            elif kind == b"subscribe":
-                self._canary_subscribed = True
-                if self._deaf is not None:
-                    self._canary.check_soon()  # rebuilt after deafness: verify it now
-            return
-        if kind == b"message":
-            channel = self._names.get(key)
-            attached = None if channel is None else self._sinks.get(channel)
-            if attached is None:
-                return  # unsubscribed meanwhile
-            try:
-                text = data.decode()
-            except UnicodeDecodeError:
-                # Not one of our frames (someone else published on our prefix); skipping it
-                # must not end the reader (broadcaster issue #144's other trigger).
-                self.dropped_payloads += 1
-                if self.dropped_payloads % _DROPPED_PAYLOAD_LOG_EVERY == 1:
-                    logger.warning(
-                        "dropped a non-UTF-8 payload on channel %r (%d so far): something "
-                        "other than this service publishes under prefix %r",
-                        channel,
-                        self.dropped_payloads,
-                        self._prefix,
-                    )
-                return
-            head, sink = attached
-            sink.message(position_of(text, head), text)
-        elif kind == b"subscribe":
-            # Count acks per channel even if it is no longer wanted: an ack from before an
-            # unsubscribe must not confirm a later subscribe that Redis has not yet seen.
-            channel = key.decode(errors="replace").removeprefix(self._prefix)
-            left = self._pending.get(channel, 1) - 1
-            if left > 0:
-                self._pending[channel] = left
-                return
-            self._pending.pop(channel, None)
-            self._resubscribing.discard(channel)
-            confirmed = self._wanted.get(channel)
-            if confirmed is None:
-                return
-            confirmed.set()
-            if channel in self._gaps:
-                # Messages published while the connection was down never reached us.
-                self._gaps.discard(channel)
-                attached = self._sinks.get(channel)
-                if attached is not None:
-                    attached[1].interrupted()
+    async def _route_all(self) -> None:
+        nodes = {node.name: node for node in self._topology.nodes()}
+        for node in nodes.values():
+            self._link_for(node)
+        for channel in list(self._wanted):
+            serves = self._topology.node_for(self.key(channel))
+            if serves is not None and channel in self._wanted:
+                await self._route(channel, self._link_for(serves))
+        for name, link in list(self._links.items()):
+            if name not in nodes and not link.channels:
+                del self._links[name]
+                await link.close()
+                for counter in self._retired:
+                    self._retired[counter] += getattr(link, counter)
+        for link in self._links.values():
+            await link.check_canary()

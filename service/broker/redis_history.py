@@ -20,15 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 from redis.typing import EncodableT
 
 from service.broker.history import HistoryRead, Position, Replayed, new_epoch, read_after
 from service.broker.randomness import hex_name
-from service.broker.redis_pipe import ScriptPipe, Unanswered
+from service.broker.redis_pipe import OnReply, Unanswered
 from service.errors import BrokerUnavailable, OutcomeUnknown
 from service.protocol.frames import message_parts
 
@@ -39,24 +39,31 @@ Published = Callable[[str | Exception], None]
 # The publish script (bench/floor.py runs it too). KEYS: meta hash, stream, this
 # publish's token.
 # ARGV: frame head, frame tail, pub/sub channel, candidate epoch, history size,
-#       history TTL, meta TTL, token TTL, and (added by the pipe) the run id of the
-#       server it runs on.
+#       history TTL, meta TTL, token TTL, the publish command (PUBLISH, or SPUBLISH on
+#       a cluster: service/broker/redis_topology.py), and (added by the pipe) who the
+#       server it runs on is: its run id, or on a cluster its replication id and the
+#       one of the primary it took over from.
 # The token makes a retried call (the connection broke after Redis ran the script but
 # before its reply arrived), or a client's retry with the same idempotency key, return the
 # first call's id instead of publishing twice; as an array, to tell that answer apart.
 # A new epoch means the old history is meaningless (and its entry ids could collide).
-# The hash's `srv` is the run id of the server that numbered its last message. When
-# another server numbers the next one (a replica promoted by a failover, a server
-# restarted from a snapshot), it may lack that server's last writes, and would give out
-# their ids again for other messages: a new epoch starts, so that a client holding one
-# of those ids hears "not recovered" instead of skipping messages. A hash without `srv`
-# (made by a history read, or by an older version) adopts the server as it is.
+# The hash's `srv` names the server that numbered its last message (the pipe's last
+# ARGV, or two: service/broker/redis_pipe.py). When another server numbers the next one
+# (a replica promoted by a failover, a server restarted from a snapshot), it may lack
+# that server's last writes, and would give out their ids again for other messages: a
+# new epoch starts, so that a client holding one of those ids hears "not recovered"
+# instead of skipping messages. A server that also tells whom it took over from (a
+# cluster node: its second replication id) starts one only when that is the server
+# that wrote last: a slot moved to it from another primary came whole. A hash without
+# `srv` (made by a history read, or by an older version) adopts the server as it is,
+# and so does a call that names no server (run by the cluster client after a MOVED).
 PUBLISH_SCRIPT = """
 local done = redis.call('GET', KEYS[3])
 if done then return {done} end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'srv')
-local epoch, server = meta[1], ARGV[9]
-if not epoch or (server and meta[2] and meta[2] ~= server) then
+local epoch, server, before = meta[1], ARGV[10], ARGV[11]
+local other = server and meta[2] and meta[2] ~= server
+if not epoch or (other and (not before or before == meta[2])) then
   epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
   redis.call('DEL', KEYS[2])
@@ -71,7 +78,7 @@ if tonumber(ARGV[5]) > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
 redis.call('SET', KEYS[3], id, 'EX', ARGV[8])
-redis.call('PUBLISH', ARGV[3], frame)
+redis.call(ARGV[9], ARGV[3], frame)
 return id
 """
 
@@ -106,15 +113,23 @@ return {epoch, top, entries}
 """
 
 
+class ScriptRunner(Protocol):
+    """Runs one script (`ScriptPipe`, `RoutedPipe`): its reply, or its failure, to `on_reply`."""
+
+    def start(self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply) -> None:
+        """Run it; `on_reply` gets the reply later, never from inside this call."""
+
+
 class RedisHistory:
     """Publishes messages with their ids and history, and reads that history back."""
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
-        pipe: Callable[[str], ScriptPipe],
+        pipe: Callable[[str], ScriptRunner],
         pubsub_key: Callable[[str], bytes],
+        publish_command: bytes = b"PUBLISH",
         prefix: str,
         size: int,
         ttl: int,
@@ -124,6 +139,7 @@ class RedisHistory:
     ) -> None:
         """`key_ttl`: seconds a publish's idempotency key is kept (at least `token_ttl`)."""
         self._pubsub_key = pubsub_key
+        self._publish_command = publish_command
         self._prefix = prefix
         self._size = size
         self._ttl = ttl
@@ -160,6 +176,7 @@ class RedisHistory:
             data,
             prefix=self._prefix,
             pubsub_key=self._pubsub_key(channel),
+            publish_command=self._publish_command,
             size=self._size,
             ttl=self._ttl,
             meta_ttl=self._meta_ttl,
@@ -190,7 +207,7 @@ class RedisHistory:
         args: list[EncodableT] = [new_epoch(), self._ttl, mode, since_epoch, first, count]
         try:
             epoch, top, raw = await self._read(keys=list(_keys(self._prefix, channel)), args=args)
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise BrokerUnavailable(f"Redis did not return the history: {exc}") from exc
         return _text(epoch), int(top), [_entry(item) for item in raw]
 
@@ -201,6 +218,7 @@ def publish_call(
     *,
     prefix: str,
     pubsub_key: bytes,
+    publish_command: bytes = b"PUBLISH",
     size: int,
     ttl: int,
     meta_ttl: int,
@@ -222,7 +240,17 @@ def publish_call(
         # After the channel's hash tag, a brace in `key` does not move the key's slot.
         token = f"{prefix}idem:{{{channel}}}:{key}"
         token_ttl = max(key_ttl, token_ttl)
-    args: list[EncodableT] = [head, tail, pubsub_key, new_epoch(), size, ttl, meta_ttl, token_ttl]
+    args: list[EncodableT] = [
+        head,
+        tail,
+        pubsub_key,
+        new_epoch(),
+        size,
+        ttl,
+        meta_ttl,
+        token_ttl,
+        publish_command,
+    ]
     return [meta, stream, token], args
 
 

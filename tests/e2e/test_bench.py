@@ -127,3 +127,23 @@ def test_the_benchmark_compares_two_checkouts_in_one_run(tmp_path: Path) -> None
 
 
 MARK = 'print("compare checkout", flush=True)'
+
+
+def test_the_benchmark_runs_on_a_redis_cluster(tmp_path: Path) -> None:
+    """`--redis cluster`: the workers on a local cluster's sharded pub/sub, its CPU counted."""
+    out = tmp_path / "bench"
+    run_bench("--redis", "cluster", "--scenarios", "channels,publish,storm", "--out", str(out))
+    document = json.loads((out / "results.json").read_text())
+    assert document["settings"]["redis"] == "cluster"
+    rows = {s["summary"]["scenario"]: s["summary"] for s in document["scenarios"]}
+    for name in ("channels", "publish", "storm"):
+        assert (rows[name]["lost"], rows[name]["duplicates"]) == (0, 0)
+    assert rows["channels"]["deliveries_per_s"] > 0
+    assert 0 < rows["publish"]["redis_cpu_us_per_publish"] < rows["publish"]["cpu_us_per_publish"]
+    recovered, clients = rows["storm"]["recovered"].split("/")
+    assert recovered == clients
+    logs = [log.read_text() for log in (out / "channels").glob("worker-*.log")]
+    assert logs
+    for log in logs:
+        assert "redis-cluster://" in log
+        assert "Traceback" not in log

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from service.broker import pubsub_link
 from service.broker.history import Position
 from service.broker.redis_backend import RedisBackend
 from service.protocol.frames import message_head
@@ -93,7 +94,8 @@ async def test_an_old_ack_does_not_confirm_a_newer_subscribe(backend: RedisBacke
     await backend.unsubscribe(channel)
     await backend.subscribe(channel)
     await backend.wait_subscribed(channel)
-    assert backend._pending == {}
+    [link] = backend._links.values()
+    assert link._pending == {}
 
 
 class Recorded:
@@ -202,7 +204,7 @@ async def test_a_ping_answered_while_it_is_being_sent_is_not_taken_for_silence(
     # timeout counted from that answer, woke to "no reply for 4.0 s" and rebuilt a
     # healthy connection (five times in 30 s). Here every send lets the answer in.
     backend = new_backend(redis_server, prefix, fast=fast, ping_interval=0.2, ping_timeout=0.5)
-    make = backend._new_connection
+    make = pubsub_link.own_connection
 
     def answered_while_sending(*args: Any, **kwargs: Any) -> Any:
         conn = make(*args, **kwargs)
@@ -215,7 +217,7 @@ async def test_a_ping_answered_while_it_is_being_sent_is_not_taken_for_silence(
         conn.send_command = send_command  # type: ignore[method-assign]
         return conn
 
-    monkeypatch.setattr(backend, "_new_connection", answered_while_sending)
+    monkeypatch.setattr(pubsub_link, "own_connection", answered_while_sending)
     await backend.connect()
     try:
         await backend.subscribe(unique("quiet"))

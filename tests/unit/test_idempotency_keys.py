@@ -24,7 +24,7 @@ def call(key: str | None, key_ttl: int = 300, token_ttl: int = 20) -> tuple[list
         key_ttl=key_ttl,
     )
     assert all(isinstance(k, str) for k in keys)
-    ttl = args[-1]
+    ttl = args[7]  # ARGV[8], the token TTL
     assert isinstance(ttl, int)
     return [str(k) for k in keys], ttl
 
