@@ -250,3 +250,34 @@ async def test_a_slot_moved_to_another_primary_takes_its_subscriptions_along(
     finally:
         for reader in readers:
             await reader.stop()
+
+
+async def test_the_other_shards_go_on_while_one_fails_over(
+    tmp_path: Path, make_workers: WorkersFactory, prefix: str
+) -> None:
+    # As deploy/compose.cluster.yml and the Kubernetes values run it: a shard without a
+    # primary stops only its own channels.
+    with LocalCluster(tmp_path / "cluster", full_coverage=False) as cluster:
+        workers = cluster_workers(make_workers, cluster, prefix)
+        channel = unique("news")
+        dying = cluster.owner(slot_of(cluster, prefix, channel))
+        other = unique("elsewhere")
+        while cluster.owner(slot_of(cluster, prefix, other)) == dying:
+            other = unique("elsewhere")
+        subscriber = await subscribed_client(workers[1], other)
+        try:
+            cluster.kill(dying)
+            async with httpx.AsyncClient(timeout=5 * UNIT) as http:
+                # Before the replica takes over (it needs the node timeout and an election),
+                # the other shard's channel is published at the first try, and delivered.
+                for n in range(5):
+                    url = f"{workers[n % 3].http}/api/channels/{other}/messages"
+                    response = await http.post(url, json={"data": n})
+                    assert response.status_code == 200, response.text
+                assert cluster.owner(slot_of(cluster, prefix, channel)) == dying
+                got = [(await subscriber.recv_type("message"))["data"] for _ in range(5)]
+                assert got == list(range(5))
+                await asyncio.to_thread(cluster.wait_promoted, dying, 30 * UNIT)
+                await publish_until_acked(http, workers[0], channel, 0)
+        finally:
+            await subscriber.close()
