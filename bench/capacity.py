@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Share of one core a worker or a Redis shard is planned to use: the rest absorbs
 # bursts, reconnect storms and the machine's speed changing by 10-20% between days.
@@ -70,6 +70,21 @@ MEASURED: dict[str, Figure] = {
             "scripts/bench --scenarios channels",
         ),
         Figure(
+            "cluster_shard_publish_cpu_us",
+            217.0,
+            "us",
+            "a Redis Cluster primary's CPU per publish to its shard: the publish script, "
+            "the message to its subscribed workers, and the stream to its replica",
+            "scripts/bench --redis cluster --scenarios publish",
+        ),
+        Figure(
+            "cluster_publish_cpu_us",
+            380.0,
+            "us",
+            "worker CPU per publish on a Redis Cluster (a publish connection per primary)",
+            "scripts/bench --redis cluster --scenarios publish",
+        ),
+        Figure(
             "idle_cpu_us_per_connection_s",
             7.48,
             "us",
@@ -121,6 +136,8 @@ class Ceilings:
     connection_bytes: float
     worker_base_bytes: float
     redis_publishes_per_s: float
+    cluster_shard_publishes_per_s: float
+    cluster_worker_publishes_per_s: float
     # Not a ceiling but a standing cost: the share of a core each open connection takes.
     idle_cpu_us_per_connection_s: float
 
@@ -137,6 +154,8 @@ def ceilings(headroom: float = HEADROOM) -> Ceilings:
         connection_bytes=m["connection_bytes"],
         worker_base_bytes=m["worker_base_bytes"],
         redis_publishes_per_s=headroom * 1e6 / m["redis_publish_cpu_us"],
+        cluster_shard_publishes_per_s=headroom * 1e6 / m["cluster_shard_publish_cpu_us"],
+        cluster_worker_publishes_per_s=headroom * 1e6 / m["cluster_publish_cpu_us"],
         idle_cpu_us_per_connection_s=m["idle_cpu_us_per_connection_s"],
     )
 
@@ -220,9 +239,18 @@ def workers_for_cpu(load: Load, c: Ceilings, max_workers: int = 100_000) -> int 
 
 
 def size(load: Load, c: Ceilings | None = None, max_workers: int = 100_000) -> Sizing:
-    """Size a deployment for `load` with the ceilings `c` (default: `ceilings()`)."""
+    """Size a deployment for `load` with the ceilings `c` (default: `ceilings()`).
+
+    One Redis (or a Sentinel group) while its core carries the publishes; else a Redis
+    Cluster of at least three primaries, whose workers spend more per publish.
+    """
     c = c or ceilings()
     warnings: list[str] = []
+    rate = load.messages_per_second
+    shards = 1
+    if rate > c.redis_publishes_per_s:
+        shards = max(3, math.ceil(rate / c.cluster_shard_publishes_per_s))
+        c = replace(c, worker_publishes_per_s=c.cluster_worker_publishes_per_s)
     for_connections = max(1, math.ceil(load.connections / c.worker_connections))
     for_cpu = workers_for_cpu(load, c, max_workers)
     if for_cpu is None:
@@ -236,7 +264,6 @@ def size(load: Load, c: Ceilings | None = None, max_workers: int = 100_000) -> S
     share = _cpu_share(load, workers, c)
     spread = workers_per_channel(workers, load.subscribers_per_channel)
     worker_memory = c.worker_base_bytes + load.connections / workers * c.connection_bytes
-    rate = load.messages_per_second
     frame = load.message_bytes + _FRAME_AROUND_DATA
     deliveries = rate * load.subscribers_per_channel
     # docs/protocol.md: ~4.8 KB per channel with history, then ~1.25x each kept frame
@@ -248,7 +275,7 @@ def size(load: Load, c: Ceilings | None = None, max_workers: int = 100_000) -> S
         workers_for_cpu=for_cpu,
         worker_cpu_share=share,
         workers_per_channel=spread,
-        redis_shards=max(1, math.ceil(rate / c.redis_publishes_per_s)),
+        redis_shards=shards,
         worker_memory_bytes=worker_memory,
         total_worker_memory_bytes=worker_memory * workers,
         redis_history_bytes=history,
@@ -291,7 +318,12 @@ def report(load: Load, sizing: Sizing, c: Ceilings) -> str:
         f"decided by {sizing.limit}); each at "
         f"{sizing.worker_cpu_share:.0%} of a core, a channel's subscribers on "
         f"{sizing.workers_per_channel:,.1f} of them on average",
-        f"Redis shards   {sizing.redis_shards:,} (for publishes; a plain Redis is one)",
+        f"Redis shards   {sizing.redis_shards:,} "
+        + (
+            "(one Redis, or a Sentinel group, carries the publishes)"
+            if sizing.redis_shards == 1
+            else "(a Redis Cluster: primaries, each with its replica, for the publishes)"
+        ),
         f"memory         {_bytes(sizing.worker_memory_bytes)} per worker, "
         f"{_bytes(sizing.total_worker_memory_bytes)} in all (idle connections; add what "
         "slow clients queue, up to OUTBOX_MAX_BYTES each); Redis history about "
@@ -308,7 +340,9 @@ def report(load: Load, sizing: Sizing, c: Ceilings) -> str:
         f"{c.connection_bytes:,.0f} bytes per connection + "
         f"{_bytes(c.worker_base_bytes)}, {c.idle_cpu_us_per_connection_s:g} us of CPU per "
         "open connection per second",
-        f"  per Redis shard: {c.redis_publishes_per_s:,.0f} publishes/s",
+        f"  per Redis: {c.redis_publishes_per_s:,.0f} publishes/s; per Redis Cluster "
+        f"shard: {c.cluster_shard_publishes_per_s:,.0f} publishes/s (its workers at "
+        f"{c.cluster_worker_publishes_per_s:,.0f} publishes/s)",
     ]
     return "\n".join(lines)
 

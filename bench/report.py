@@ -119,6 +119,7 @@ def write_json(measurements: list[Measurement], path: Path, settings: dict[str, 
                 "worker_rss_before": m.worker_rss_before,
                 "worker_rss_loaded": m.worker_rss_loaded,
                 "worker_cpu_s_each": m.worker_cpu_each,
+                "redis_cpu_s_each": m.redis_cpu_each,
                 "loadgen": m.result,
             }
             for m in measurements

@@ -131,6 +131,8 @@ class Measurement:
     worker_rss_loaded: int = 0
     # Each worker's share of `worker_cpu_s`, in worker order.
     worker_cpu_each: list[float] = field(default_factory=list)
+    #: Each Redis process's CPU seconds over the measurement ("redis", or port:role).
+    redis_cpu_each: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -200,12 +202,14 @@ def run(
         measurement = Measurement(scenario, workers, {})
         marks: dict[str, tuple[float, float, float]] = {}
         each: dict[str, list[float]] = {}
+        redis_each: dict[str, dict[str, float]] = {}
 
         def mark(name: str) -> None:
             servers.check_alive()
             # Each process read once: the workers' figures then add up to their total.
             each[name] = servers.worker_cpu_seconds()
-            redis_cpu = servers.redis_cpu_seconds()
+            redis_each[name] = servers.redis_cpu_each()
+            redis_cpu = sum(redis_each[name].values())
             marks[name] = (time.monotonic(), sum(each[name]) + redis_cpu, redis_cpu)
 
         def ready() -> None:
@@ -244,5 +248,9 @@ def run(
             measurement.worker_cpu_each = [
                 end - start for start, end in zip(each["start"], each["end"], strict=True)
             ]
+            measurement.redis_cpu_each = {
+                name: cpu - redis_each["start"].get(name, 0.0)
+                for name, cpu in redis_each["end"].items()
+            }
         servers.check_alive()
         return measurement

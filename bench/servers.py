@@ -168,6 +168,18 @@ class Servers:
         """CPU time Redis has used so far: all of its processes, with a cluster."""
         return sum(cpu_seconds(p.pid) for p in self.redis_processes)
 
+    def redis_cpu_each(self) -> dict[str, float]:
+        """CPU time each Redis process has used so far, by name ("redis", or port:role)."""
+        if self.cluster is None:
+            return {"redis": self.redis_cpu_seconds()}
+        primaries = set(self.cluster.primaries())
+        return {
+            f"{port}:{'primary' if port in primaries else 'replica'}": cpu_seconds(
+                self.cluster.pid(port)
+            )
+            for port in self.cluster.ports
+        }
+
     def redis_rss(self) -> int:
         """Resident memory of Redis now: all of its processes, with a cluster."""
         return sum(rss_bytes(p.pid) for p in self.redis_processes)

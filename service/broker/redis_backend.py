@@ -37,7 +37,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from service.broker.history import position_of
 from service.broker.pubsub_link import PubSubLink
-from service.broker.redis_pipe import ScriptPipe
+from service.broker.redis_pipe import Redirect, ScriptPipe
 from service.broker.redis_topology import Node, Topology, own_connection, topology
 from service.broker.redis_url import connection_pool
 from service.broker.routed_pipe import RoutedPipe
@@ -233,7 +233,7 @@ class RedisBackend(BroadcastBackend):
         # Named apart from the pool's connections, so that CLIENT LIST tells them apart.
         name = f"{self._client_name}:publish"
 
-        def pipe_to(node: Node) -> ScriptPipe:
+        def pipe_to(node: Node, redirect: Redirect) -> ScriptPipe:
             return ScriptPipe(
                 script,
                 lambda: own_connection(node, client_name=name),
@@ -241,6 +241,7 @@ class RedisBackend(BroadcastBackend):
                 retry=self._retry,
                 fast=self._fast,
                 identify=self._topology.identify,
+                redirect=redirect,
             )
 
         pipe = RoutedPipe(script, self._topology, pipe_to, on_misrouted=self._reroute.set)

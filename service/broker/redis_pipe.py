@@ -68,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 #: Gets a call's reply, or the exception it failed with (an error reply included).
 OnReply = Callable[[Any], None]
+#: Asked with a call's parts (`[len(keys), *keys, *args]`), its `OnReply` and what it is
+#: about to fail with; True: it took the call over (and will answer `OnReply` itself).
+Redirect = Callable[[list[EncodableT], OnReply, Exception], bool]
 
 
 class PipeClosed(RedisError):
@@ -272,13 +275,15 @@ class ScriptPipe:
         retry: Retry,
         fast: bool = True,
         identify: Identify | None = None,
+        redirect: Redirect | None = None,
     ) -> None:
         """`fast`: read the connection with `ReplyTap` if its check passes (replies.py).
 
         `identify`: what the script is told of the server, as its last ARGV (default
-        `run_id`).
+        `run_id`). `redirect`: asked before a call fails (service/broker/routed_pipe.py).
         """
         self._identify = identify or run_id
+        self._redirect = redirect
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
         self._connection = connection
@@ -349,7 +354,7 @@ class ScriptPipe:
         elif isinstance(error, RedisConnectionError) and self._retry_after_first is not None:
             self._go_on(call, self._retry_after_first)
         else:
-            on_reply(call.failed(error))
+            self._give_up(call, call.failed(error), on_reply)
 
     def _go_on(self, call: _Call, retry: Retry | None) -> None:
         """The rest of a call, in a task: its reply still goes out from inside its read."""
@@ -374,7 +379,13 @@ class ScriptPipe:
             failure = call.failed(error)
         except Exception as exc:  # a bug: it claims nothing about the call
             failure = exc
-        _call_back(call.on_reply, failure)
+        self._give_up(call, failure, partial(_call_back, call.on_reply))
+
+    def _give_up(self, call: _Call, failure: Exception, fail: OnReply) -> None:
+        """Fail `call` with `failure` through `fail`, unless `redirect` takes the call over."""
+        if self._redirect is not None and self._redirect(call.parts, call.on_reply, failure):
+            return
+        fail(failure)
 
     async def _attempts(self, call: _Call, retry: Retry | None) -> None:
         """EVALSHA with `retry` (None: straight to EVAL), then EVAL if Redis lacks the script."""

@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
+from redis.typing import EncodableT
 
 from service.broker.redis_pipe import Identify, replication_ids, run_id
 from service.broker.redis_url import connection_pool
@@ -119,7 +120,7 @@ class Topology(Protocol):
     def nodes(self) -> list[Node]:
         """The nodes channels live on (a cluster's primaries), as last learnt."""
 
-    def node_for(self, key: bytes) -> Node | None:
+    def node_for(self, key: EncodableT) -> Node | None:
         """The node that serves `key` (a pub/sub channel or a key); None: not known yet."""
 
     def canary_key(self, base: bytes, node: Node) -> bytes | None:
@@ -177,7 +178,7 @@ class OneServer:
         """The one node."""
         return [self._node]
 
-    def node_for(self, key: bytes) -> Node:
+    def node_for(self, key: EncodableT) -> Node:
         """The one node."""
         return self._node
 
@@ -276,9 +277,9 @@ class Cluster:
         """The primaries, as last learnt."""
         return list(self._nodes.values())
 
-    def node_for(self, key: bytes) -> Node | None:
+    def node_for(self, key: EncodableT) -> Node | None:
         """The primary of `key`'s slot, as last learnt."""
-        return self._owners[key_slot(key)]
+        return self._owners[key_slot(key if isinstance(key, bytes) else str(key).encode())]
 
     def canary_key(self, base: bytes, node: Node) -> bytes | None:
         """`base` with the first hash tag that lands in one of `node`'s slots."""

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
-from service.broker.redis_pipe import OnReply, PipeClosed, ScriptPipe, settle
+from service.broker.redis_pipe import OnReply, PipeClosed, Redirect, ScriptPipe, settle
 from service.broker.redis_topology import Node, Topology
 
 #: What a node answers when the call's slot is served elsewhere (or by nobody, for now).
@@ -45,11 +45,14 @@ class RoutedPipe:
         self,
         script: str,
         topology: Topology,
-        pipe_to: Callable[[Node], ScriptPipe],
+        pipe_to: Callable[[Node, Redirect], ScriptPipe],
         *,
         on_misrouted: Callable[[], None],
     ) -> None:
-        """`pipe_to` makes a node's pipe; `on_misrouted` asks to learn the topology again."""
+        """`pipe_to` makes a node's pipe; `on_misrouted` asks to learn the topology again.
+
+        A node's pipe asks `redirect` before it fails a call.
+        """
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._topology = topology
@@ -70,27 +73,27 @@ class RoutedPipe:
 
         Later, never from inside this call.
         """
-        first = keys[0] if keys else b""  # a script without keys runs anywhere
-        node = self._topology.node_for(first if isinstance(first, bytes) else str(first).encode())
+        node = self._topology.node_for(keys[0] if keys else b"")  # no keys: anywhere
         if node is None:  # the slots are not known yet
             self._on_misrouted()
             self._through_client(keys, args, on_reply)
             return
         pipe = self._pipes.get(node.name)
         if pipe is None:
-            pipe = self._pipes[node.name] = self._pipe_to(node)
-        pipe.start(keys, args, partial(self._replied, keys, args, on_reply))
+            pipe = self._pipes[node.name] = self._pipe_to(node, self.redirect)
+        pipe.start(keys, args, on_reply)
 
-    def _replied(
-        self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply, reply: Any
-    ) -> None:
-        if isinstance(reply, _REDIRECTED):
+    def redirect(self, parts: list[EncodableT], on_reply: OnReply, failure: Exception) -> bool:
+        """A node's pipe is about to fail a call: take it over if its slot is elsewhere."""
+        if isinstance(failure, _REDIRECTED):
             self._on_misrouted()
+            count = int(parts[0])
+            keys, args = parts[1 : 1 + count], parts[1 + count :]
             self._through_client(keys, args, on_reply)
-            return
-        if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
+            return True
+        if isinstance(failure, (RedisConnectionError, RedisTimeoutError)):
             self._on_misrouted()  # the node may be gone: the next calls go where it went
-        on_reply(reply)
+        return False
 
     def _through_client(
         self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply

@@ -142,6 +142,10 @@ def test_the_benchmark_runs_on_a_redis_cluster(tmp_path: Path) -> None:
     assert 0 < rows["publish"]["redis_cpu_us_per_publish"] < rows["publish"]["cpu_us_per_publish"]
     recovered, clients = rows["storm"]["recovered"].split("/")
     assert recovered == clients
+    # Each node's CPU, by role: three primaries and their replicas.
+    [publish] = [s for s in document["scenarios"] if s["summary"]["scenario"] == "publish"]
+    roles = sorted(name.partition(":")[2] for name in publish["redis_cpu_s_each"])
+    assert roles == ["primary"] * 3 + ["replica"] * 3
     logs = [log.read_text() for log in (out / "channels").glob("worker-*.log")]
     assert logs
     for log in logs:

@@ -215,7 +215,15 @@ async def test_a_slot_moved_to_another_primary_takes_its_subscriptions_along(
                 timeout=20,
                 what="two sharded subscriptions on the new owner",
             )
-            # The stale worker's SSUBSCRIBE is answered MOVED: it learns the slots anew.
+            # The stale worker's publish is answered MOVED, and goes to the new owner at
+            # the first try.
+            url = f"{workers[2].http}/api/channels/{channel}/messages"
+            response = await http.post(url, json={"data": n})
+            assert response.status_code == 200, response.text
+            ids[n] = response.json()["id"]
+            acked.append(n)
+            n += 1
+            # Its SSUBSCRIBE too: it learns the slots anew.
             late = await subscribed_client(workers[2], channel)
             for more in range(n, n + 5):
                 ids[more] = await publish_until_acked(http, workers[more % 2], channel, more)

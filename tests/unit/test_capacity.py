@@ -26,6 +26,8 @@ ROUND = Ceilings(
     connection_bytes=20_000,
     worker_base_bytes=80_000_000,
     redis_publishes_per_s=4_000,
+    cluster_shard_publishes_per_s=2_000,
+    cluster_worker_publishes_per_s=1_000,
     idle_cpu_us_per_connection_s=0.0,
 )
 
@@ -117,9 +119,17 @@ def test_a_big_fan_out_needs_workers_for_its_deliveries() -> None:
     assert sizing.limit.startswith("CPU")
 
 
-def test_publishes_need_redis_shards() -> None:
-    sizing = size(Load(1_000, 1_000, 1, 10_000.0), ROUND)
-    assert sizing.redis_shards == math.ceil(10_000 / 4_000)
+def test_publishes_beyond_one_redis_need_a_cluster_of_three_primaries_or_more() -> None:
+    assert size(Load(1_000, 1_000, 1, 4_000.0), ROUND).redis_shards == 1
+    # Past one Redis: at least the three primaries a cluster needs, then one per 2,000/s.
+    assert size(Load(1_000, 1_000, 1, 4_001.0), ROUND).redis_shards == 3
+    assert size(Load(1_000, 1_000, 1, 10_000.0), ROUND).redis_shards == math.ceil(10_000 / 2_000)
+
+
+def test_on_a_cluster_the_workers_plan_for_its_dearer_publishes() -> None:
+    one = size(Load(1_000, 1_000, 1, 4_000.0), ROUND)
+    cluster = size(Load(1_000, 1_000, 1, 4_001.0), ROUND)
+    assert cluster.workers >= 2 * one.workers - 1
 
 
 def test_no_number_of_workers_helps_when_each_receives_too_many_messages() -> None:
@@ -160,6 +170,6 @@ def test_the_script_prints_the_sizing_and_the_ceilings_it_used() -> None:
         check=True,
     )
     assert result.stdout.startswith("load: 100,000 connections")
-    for label in ("workers ", "Redis shards ", "memory ", "network ", "per Redis shard:"):
+    for label in ("workers ", "Redis shards ", "memory ", "network ", "per Redis Cluster shard:"):
         assert label in result.stdout
     assert f"{ceilings().worker_deliveries_per_s:,.0f} deliveries/s" in result.stdout
