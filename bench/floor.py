@@ -169,6 +169,7 @@ class Floor:
             data,
             prefix=self._prefix,
             pubsub_key=(self._prefix + name).encode(),
+            publish_command=b"PUBLISH",
             size=settings.history_size,
             ttl=settings.history_ttl,
             meta_ttl=settings.history_meta_ttl,

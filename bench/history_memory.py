@@ -57,6 +57,7 @@ async def measure(redis: Redis, size: int, count: int) -> tuple[int, int]:
         redis,
         pipe=pipe,
         pubsub_key=lambda channel: channel.encode(),
+        publish_command=b"PUBLISH",
         prefix="bench:",
         size=count,
         ttl=300,

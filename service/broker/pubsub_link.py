@@ -3,8 +3,8 @@
 A worker holds one link per node its channels live on (service/broker/redis_backend.py
 routes them): with one Redis, one link; with a Redis Cluster, one per primary.
 
-* `add`/`remove` only change the link's set of channels (and send the command when a
-  connection is up); they never raise.
+* `hold`/`release` only change the link's set of channels, at once; `send_subscribe`
+  and `send_unsubscribe` then send the command when a connection is up. None raises.
 * One reader task owns a dedicated connection (not a pool connection). It reconnects
   with jittered exponential backoff and re-subscribes every channel; it catches every
   error, so it cannot end while the link is open. Messages are handed on from inside
@@ -123,7 +123,6 @@ class PubSubLink:
         self._deaf: str | None = None
         self.deaf_detections = 0
         self.reconnects = 0
-        self.dropped_payloads = 0
         self.last_error = "not connected yet"
 
     def start(self) -> None:
@@ -139,25 +138,41 @@ class PubSubLink:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def add(self, channel: str, *, interrupted: bool = False) -> None:
-        """Hold `channel` here; `interrupted`: it was live elsewhere and may have missed some."""
+    def hold(self, channel: str, *, interrupted: bool = False) -> None:
+        """Hold `channel` here; `send_subscribe` tells Redis.
+
+        `interrupted`: it was live elsewhere and may have missed some.
+        """
         self.channels.add(channel)
         if interrupted:
             self._gaps.add(channel)
+
+    async def send_subscribe(self, channel: str) -> None:
+        """SUBSCRIBE `channel` on the connection, if it is up and the channel still held."""
+        if channel not in self.channels:
+            return  # let go meanwhile
         for command in self._subscribe_commands([channel]):
             await self._command(*command, channel=channel)
 
-    async def remove(self, channel: str) -> bool:
-        """Stop holding `channel`; True if it had been live and may have missed some."""
+    def release(self, channel: str) -> bool:
+        """Stop holding `channel`; `send_unsubscribe` tells Redis.
+
+        True if it had been live and may have missed some.
+        """
         self.channels.discard(channel)
         self._resubscribing.discard(channel)
         interrupted = channel in self._live or channel in self._gaps
         self._live.discard(channel)
         self._gaps.discard(channel)
-        if self._conn is not None and self._conn.is_connected:
-            self._leaving[channel] = self._leaving.get(channel, 0) + 1
-        await self._command(self._kind.unsubscribe, self._key(channel))
         return interrupted
+
+    async def send_unsubscribe(self, channel: str) -> None:
+        """UNSUBSCRIBE `channel` on the connection, unless it is held here again."""
+        conn = self._conn
+        if channel in self.channels or conn is None or not conn.is_connected:
+            return
+        self._leaving[channel] = self._leaving.get(channel, 0) + 1
+        await self._command(self._kind.unsubscribe, self._key(channel))
 
     @property
     def canary_checks(self) -> int:
@@ -200,9 +215,7 @@ class PubSubLink:
     async def _deafened(self, reason: str) -> None:
         self.deaf_detections += 1
         self._deaf = f"deaf: {reason}"
-        logger.warning(
-            "Redis subscription is deaf (%s): rebuilding it (node %s)", reason, self.node.name
-        )
+        logger.warning("Redis subscription is deaf (%s): rebuilding it%s", reason, self.node.label)
         self._owner.misrouted()
         conn = self._conn
         if conn is not None:
@@ -269,13 +282,13 @@ class PubSubLink:
                 commands = self._subscribe_commands(list(self.channels))
                 if self._canary_key is not None:
                     commands.insert(0, (self._kind.subscribe, self._canary_key))
-                for command in commands:
-                    await conn.send_command(*command, check_health=False)
+                # In one write: a channel let go meanwhile is unsubscribed after this.
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 if failures:
                     logger.warning(
-                        "Redis pub/sub connection restored after %d failures (node %s)",
+                        "Redis pub/sub connection restored after %d failures%s",
                         failures,
-                        self.node.name,
+                        self.node.label,
                     )
                 delay, failures = _FIRST_RETRY_DELAY, 0
                 self.last_error = ""
@@ -287,12 +300,11 @@ class PubSubLink:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log = logger.warning if failures == 1 or failures % 20 == 0 else logger.debug
                 log(
-                    "Redis pub/sub connection failed (attempt %d, retrying in %.2f s): %s "
-                    "(node %s)",
+                    "Redis pub/sub connection failed (attempt %d, retrying in %.2f s): %s%s",
                     failures,
                     delay,
                     self.last_error,
-                    self.node.name,
+                    self.node.label,
                 )
                 # On a cluster the node may be gone for good (failed over).
                 self._owner.misrouted()
@@ -394,18 +406,16 @@ class PubSubLink:
         """Redis answered MOVED for `slot`: what is held here in that slot goes back."""
         if self._canary_key is not None and key_slot(self._canary_key) == slot:
             self._canary_gone()
+        # No acknowledgement comes for that slot's commands: none is waited for any more.
+        for waiting in (self._pending, self._leaving):
+            for channel in [c for c in waiting if key_slot(self._key(c)) == slot]:
+                del waiting[channel]
         for channel in [c for c in self.channels if key_slot(self._key(c)) == slot]:
-            self._pending.pop(channel, None)
             self._give_back(channel)
         self._owner.misrouted()
 
     def _give_back(self, channel: str) -> None:
-        self.channels.discard(channel)
-        self._resubscribing.discard(channel)
-        interrupted = channel in self._live or channel in self._gaps
-        self._live.discard(channel)
-        self._gaps.discard(channel)
-        self._owner.dropped(channel, interrupted)
+        self._owner.dropped(channel, self.release(channel))
 
     def _canary_gone(self) -> None:
         # Picked again (`check_canary`) once the router learnt where the slots are.

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 # Log the first non-UTF-8 payload, then one in this many.
 _DROPPED_PAYLOAD_LOG_EVERY = 1000
 _FIRST_RETRY_DELAY = 0.05
+# Seconds between two lessons of the topology when asked for more often.
+_ROUTE_INTERVAL = 0.25
 #: What redis-py raises when Redis fails a command: RedisCluster's own errors are not
 #: RedisErrors.
 REDIS_ERRORS = (RedisError, RedisClusterException)
@@ -164,7 +166,7 @@ class RedisBackend(BroadcastBackend):
         if self._router is not None:
             self._router.cancel()
             await asyncio.gather(self._router, return_exceptions=True)
-        for link in self._links.values():
+        for link in list(self._links.values()):
             await link.close()
         for pipe in self._pipes:
             await pipe.close()
@@ -173,7 +175,9 @@ class RedisBackend(BroadcastBackend):
     async def subscribe(self, channel: str) -> None:
         """Want `channel`; sent now if connected, else when its link (re)connects."""
         key = self.key(channel)
-        self._wanted[channel] = asyncio.Event()
+        # Subscribed already (broadcaster asks again for a second first subscriber): its
+        # confirmation stands, or is still to come.
+        self._wanted.setdefault(channel, asyncio.Event())
         self._names[key] = channel
         node = self._topology.node_for(key)
         if node is None:
@@ -189,7 +193,8 @@ class RedisBackend(BroadcastBackend):
         self._moved_live.discard(channel)
         link = self._routes.pop(channel, None)
         if link is not None:
-            await link.remove(channel)
+            link.release(channel)
+            await link.send_unsubscribe(channel)
 
     async def publish(self, channel: str, message: Any) -> None:
         """Publish a ready frame (used for join/leave events, which carry no id)."""
@@ -240,11 +245,10 @@ class RedisBackend(BroadcastBackend):
                 timeout=self._timeout,
                 retry=self._retry,
                 fast=self._fast,
-                identify=self._topology.identify,
                 redirect=redirect,
             )
 
-        pipe = RoutedPipe(script, self._topology, pipe_to, on_misrouted=self._reroute.set)
+        pipe = RoutedPipe(self._topology, pipe_to, on_misrouted=self._reroute.set)
         self._pipes.append(pipe)
         return pipe
 
@@ -301,7 +305,7 @@ class RedisBackend(BroadcastBackend):
             problem = link.problem()
             if problem:
                 return problem if len(self._links) == 1 else f"{link.node.name}: {problem}"
-        unrouted = len(self._wanted) - len(self._routes)
+        unrouted = sum(channel not in self._routes for channel in self._wanted)
         if unrouted:
             return f"{unrouted} channels wait for the cluster's topology"
         return ""
@@ -384,14 +388,19 @@ class RedisBackend(BroadcastBackend):
         current = self._routes.get(channel)
         if current is link:
             return
+        # The bookkeeping at once, the commands after: an unsubscribe that comes while
+        # they are sent finds the channel where it now is.
         interrupted = channel in self._moved_live
+        self._moved_live.discard(channel)
         if current is not None:
-            interrupted = await current.remove(channel) or interrupted
+            interrupted = current.release(channel) or interrupted
         self._routes[channel] = link
         if interrupted:
-            self._moved_live.discard(channel)
             self.unconfirmed(channel)
-        await link.add(channel, interrupted=interrupted)
+        link.hold(channel, interrupted=interrupted)
+        if current is not None:
+            await current.send_unsubscribe(channel)
+        await link.send_subscribe(channel)
 
     async def _route_forever(self) -> None:
         """Learn the topology whenever asked to, and move channels to where they live."""
@@ -404,16 +413,17 @@ class RedisBackend(BroadcastBackend):
                 await self._topology.refresh()
                 await self._route_all()
                 self._topology_error = ""
-                delay = _FIRST_RETRY_DELAY
+                # Links that keep failing ask again at once: ask the cluster at most
+                # this often.
+                delay = _ROUTE_INTERVAL
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the router must outlive any error
                 self._topology_error = f"{type(exc).__name__}: {exc}"
                 logger.warning("Redis topology not learnt (%s): trying again", exc)
                 self._reroute.set()
-            # Links that keep failing ask again at once: ask the cluster at most this often.
+                delay = min(delay * 2, self._retry_max_delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, self._retry_max_delay)
 
     async def _route_all(self) -> None:
         nodes = {node.name: node for node in self._topology.nodes()}
@@ -425,9 +435,10 @@ class RedisBackend(BroadcastBackend):
                 await self._route(channel, self._link_for(serves))
         for name, link in list(self._links.items()):
             if name not in nodes and not link.channels:
-                del self._links[name]
                 await link.close()
+                # In one step: the metrics' sums never go back.
                 for counter in self._retired:
                     self._retired[counter] += getattr(link, counter)
+                del self._links[name]
         for link in self._links.values():
             await link.check_canary()

@@ -40,30 +40,26 @@ Published = Callable[[str | Exception], None]
 # publish's token.
 # ARGV: frame head, frame tail, pub/sub channel, candidate epoch, history size,
 #       history TTL, meta TTL, token TTL, the publish command (PUBLISH, or SPUBLISH on
-#       a cluster: service/broker/redis_topology.py), and (added by the pipe) who the
-#       server it runs on is: its run id, or on a cluster its replication id and the
-#       one of the primary it took over from.
+#       a cluster: service/broker/redis_topology.py), and (added by the pipe) the run id
+#       of the server it runs on.
 # The token makes a retried call (the connection broke after Redis ran the script but
 # before its reply arrived), or a client's retry with the same idempotency key, return the
 # first call's id instead of publishing twice; as an array, to tell that answer apart.
 # A new epoch means the old history is meaningless (and its entry ids could collide).
-# The hash's `srv` names the server that numbered its last message (the pipe's last
-# ARGV, or two: service/broker/redis_pipe.py). When another server numbers the next one
-# (a replica promoted by a failover, a server restarted from a snapshot), it may lack
-# that server's last writes, and would give out their ids again for other messages: a
-# new epoch starts, so that a client holding one of those ids hears "not recovered"
-# instead of skipping messages. A server that also tells whom it took over from (a
-# cluster node: its second replication id) starts one only when that is the server
-# that wrote last: a slot moved to it from another primary came whole. A hash without
-# `srv` (made by a history read, or by an older version) adopts the server as it is,
-# and so does a call that names no server (run by the cluster client after a MOVED).
+# The hash's `srv` is the run id of the server that numbered its last message. When
+# another server numbers the next one (a replica promoted by a failover, a server
+# restarted from a snapshot, a cluster primary a slot moved to), it may lack that
+# server's last writes, and would give out their ids again for other messages: a new
+# epoch starts, so that a client holding one of those ids hears "not recovered" instead
+# of skipping messages. (A moved slot came whole, but nothing here can tell a move from
+# a failover: both start an epoch.) A hash without `srv` (made by a history read, or by
+# an older version) adopts the server as it is.
 PUBLISH_SCRIPT = """
 local done = redis.call('GET', KEYS[3])
 if done then return {done} end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'srv')
-local epoch, server, before = meta[1], ARGV[10], ARGV[11]
-local other = server and meta[2] and meta[2] ~= server
-if not epoch or (other and (not before or before == meta[2])) then
+local epoch, server = meta[1], ARGV[10]
+if not epoch or (server and meta[2] and meta[2] ~= server) then
   epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
   redis.call('DEL', KEYS[2])
@@ -129,7 +125,7 @@ class RedisHistory:
         *,
         pipe: Callable[[str], ScriptRunner],
         pubsub_key: Callable[[str], bytes],
-        publish_command: bytes = b"PUBLISH",
+        publish_command: bytes,
         prefix: str,
         size: int,
         ttl: int,
@@ -218,7 +214,7 @@ def publish_call(
     *,
     prefix: str,
     pubsub_key: bytes,
-    publish_command: bytes = b"PUBLISH",
+    publish_command: bytes,
     size: int,
     ttl: int,
     meta_ttl: int,

@@ -30,9 +30,10 @@ closed under it). Redis may have run such an attempt, so the call fails with
 Any other failure means Redis did not run it: no attempt reached Redis, or every one
 that did got a reply saying it did not run (NOSCRIPT, an error reply).
 
-The script gets more ARGV than its caller gives: who the server it runs on is (read
-once per connection by `identify`: `run_id` by default), so that it can tell when
-another server (a replica promoted by a failover, a restarted one) took over its data.
+The script gets one more ARGV than its caller gives: the run id of the server it runs
+on (`INFO server`, read once per connection), so that it can tell when another server
+(a replica promoted by a failover, a restarted one, a cluster node a slot moved to)
+took over its data.
 
 There is one path: `start` makes a call from synchronous code (the publishing
 session's read) and hands its outcome to a callback; with the tap, from inside the read
@@ -50,7 +51,7 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -150,15 +151,10 @@ class _Link:
     """One connection: commands in flight, in the order they were written."""
 
     def __init__(
-        self,
-        conn: AbstractConnection,
-        timeout: float,
-        *,
-        fast: bool,
-        server: tuple[bytes, ...],
+        self, conn: AbstractConnection, timeout: float, *, fast: bool, server: bytes
     ) -> None:
         self.conn = conn
-        #: Who the Redis server this connection reached is (`identify`).
+        #: The run id of the Redis server this connection reached.
         self.server = server
         self._timeout = timeout
         # One timer per connection instead of one per call: a call fails between
@@ -274,15 +270,12 @@ class ScriptPipe:
         timeout: float,
         retry: Retry,
         fast: bool = True,
-        identify: Identify | None = None,
         redirect: Redirect | None = None,
     ) -> None:
         """`fast`: read the connection with `ReplyTap` if its check passes (replies.py).
 
-        `identify`: what the script is told of the server, as its last ARGV (default
-        `run_id`). `redirect`: asked before a call fails (service/broker/routed_pipe.py).
+        `redirect`: asked before a call fails (service/broker/routed_pipe.py).
         """
-        self._identify = identify or run_id
         self._redirect = redirect
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
@@ -332,7 +325,7 @@ class ScriptPipe:
         link = self._link
         if link is not None and link.broken is None:
             # hiredis's stub types the argument as a tuple of one item; it takes any number.
-            command = (b"EVALSHA", self._sha, *parts, *link.server)
+            command = (b"EVALSHA", self._sha, *parts, link.server)
             packed = hiredis.pack_command(command)  # type: ignore[arg-type]
             try:
                 # The call's state is made only if this attempt fails: not on the hot path.
@@ -431,7 +424,7 @@ class ScriptPipe:
             except TimeoutError:
                 message = f"no connection to Redis within {self._timeout:g} s"
                 raise RedisTimeoutError(message) from None
-        whole = (command, script, *call.parts, *link.server)
+        whole = (command, script, *call.parts, link.server)
         packed = hiredis.pack_command(whole)  # type: ignore[arg-type]
         # A reply goes to `on_reply` from inside its read; a failure fails this attempt,
         # for the retry policy to judge.
@@ -470,7 +463,7 @@ class ScriptPipe:
         try:
             # Bounded by the connection's own connect and socket timeouts.
             await conn.connect()  # type: ignore[no-untyped-call]
-            server = await self._identify(conn)
+            server = await _server_id(conn)
             if self._closed:
                 raise PipeClosed("the publish connection was closed")
             link = _Link(conn, self._timeout, fast=self._fast, server=server)
@@ -482,43 +475,20 @@ class ScriptPipe:
 
 
 _RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)\r?$", re.MULTILINE)
-_REPLID = re.compile(rb"^master_replid:([0-9a-f]+)\r?$", re.MULTILINE)
-_REPLID2 = re.compile(rb"^master_replid2:([0-9a-f]+)\r?$", re.MULTILINE)
 #: What a server that does not tell its run id is called (a proxy may hide INFO): one
 #: name for all, so no change of server is seen through it.
 UNKNOWN_SERVER = b"unknown"
 
-#: Reads who the server a new connection reached is (before any call), for the script.
-Identify = Callable[[AbstractConnection], Awaitable[tuple[bytes, ...]]]
 
-
-async def run_id(conn: AbstractConnection) -> tuple[bytes, ...]:
-    """The run id of the server `conn` reached, from `INFO server`: new at every start."""
-    found = _RUN_ID.search(await _info(conn, "server"))
+async def _server_id(conn: AbstractConnection) -> bytes:
+    """The run id of the server `conn` reached, from `INFO server` (before any call)."""
+    await conn.send_command("INFO", "server")
+    info = await conn.read_response()
+    found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
     if found is None:
         logger.warning("Redis did not tell its run id (INFO server): failovers go unnoticed")
-        return (UNKNOWN_SERVER,)
-    return (found.group(1),)
-
-
-async def replication_ids(conn: AbstractConnection) -> tuple[bytes, ...]:
-    """The server's replication id, and the one of the primary it took over from.
-
-    From `INFO replication`: a replica promoted by a failover gets a new id and keeps its
-    former primary's as the second (all zeros if it took over from nobody).
-    """
-    info = await _info(conn, "replication")
-    first, second = _REPLID.search(info), _REPLID2.search(info)
-    if first is None or second is None:
-        logger.warning("Redis did not tell its replication ids: failovers go unnoticed")
-        return (UNKNOWN_SERVER, UNKNOWN_SERVER)
-    return first.group(1), second.group(1)
-
-
-async def _info(conn: AbstractConnection, section: str) -> bytes:
-    await conn.send_command("INFO", section)
-    info = await conn.read_response()
-    return info if isinstance(info, bytes) else str(info).encode()
+        return UNKNOWN_SERVER
+    return found.group(1)
 
 
 def settle(future: asyncio.Future[Any], reply: Any) -> None:

@@ -34,7 +34,6 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
-from service.broker.redis_pipe import Identify, replication_ids, run_id
 from service.broker.redis_url import connection_pool
 from service.cluster_url import CLUSTER_SCHEMES, parse_cluster_url
 
@@ -97,6 +96,10 @@ class Node(Protocol):
     def name(self) -> str:
         """host:port (the single server: "redis")."""
 
+    @property
+    def label(self) -> str:
+        """What log lines about it end with: " (node host:port)", "" for the one server."""
+
     def connection(self, **overrides: Any) -> AbstractConnection:
         """A new, unconnected connection to this node; `overrides` its options."""
 
@@ -105,10 +108,6 @@ class Topology(Protocol):
     """Which node serves which channel, and the client for everything else."""
 
     kind: PubSubKind
-
-    @property
-    def identify(self) -> Identify:
-        """What the publish script is told of the server it runs on (redis_pipe.py)."""
 
     @property
     def client(self) -> Redis | RedisCluster:
@@ -140,6 +139,7 @@ class _PoolNode:
     """The one server: its connections are made like the pool's."""
 
     name = "redis"
+    label = ""
 
     def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
@@ -155,11 +155,6 @@ class OneServer:
     """One Redis server (or the primary its Sentinels name): classic pub/sub."""
 
     kind = CLASSIC
-
-    @property
-    def identify(self) -> Identify:
-        """The run id: any restart may have lost the last writes (a Sentinel failover too)."""
-        return run_id
 
     def __init__(self, url: str, **options: Any) -> None:
         self._client = Redis(connection_pool=connection_pool(url, **options))
@@ -204,6 +199,7 @@ class _ClusterNode:
 
     def __init__(self, node: ClusterNode) -> None:
         self.name: str = node.name
+        self.label = f" (node {node.name})"
         #: redis-py's record of the node.
         self.server = node
 
@@ -218,15 +214,6 @@ class Cluster:
     """A Redis Cluster: sharded pub/sub, a node per primary."""
 
     kind = SHARDED
-
-    @property
-    def identify(self) -> Identify:
-        """The replication ids: only a failover's new primary may lack the last writes.
-
-        A slot moved from another primary comes whole (MIGRATE); a replica promoted in a
-        failover tells the id of the primary it took over from.
-        """
-        return replication_ids
 
     def __init__(self, url: str, **options: Any) -> None:
         target = parse_cluster_url(url)
@@ -286,7 +273,8 @@ class Cluster:
         # A few tries for a shard of thousands of slots.
         for number in range(100_000):
             key = base + b"{" + str(number).encode() + b"}"
-            if self._owners[key_slot(key)] is node:
+            owner = self._owners[key_slot(key)]
+            if owner is not None and owner.name == node.name:
                 return key
         return None
 

@@ -4,29 +4,23 @@ With one Redis there is one node and every call goes to its pipe. On a Redis Clu
 call goes to the pipe of the primary that serves its first key's slot (all its keys
 and its channel share that slot: their hash tag is the channel). When that node
 answers that the slot moved or is moving (MOVED, ASK, TRYAGAIN) or that the cluster is
-down for it (CLUSTERDOWN), the call did not run there: it is run once more through
-redis-py's cluster client, which follows redirections itself, and the router is asked
-to learn the slots again, so that the next calls go to the right pipe. A call whose
-node is unreachable fails as it would with one Redis (its pipe already retried), and
-the router learns the topology again for the next ones.
+down for it (CLUSTERDOWN), the call did not run there: the slots are learnt again and
+the call goes to the pipe of the node that serves it now, a few times at most, with a
+pause that grows (a slot being moved is served again once the move ends). Every
+attempt runs through a node's pipe, which tells the script its server's run id. A call
+whose node is unreachable fails as it would with one Redis (its pipe already retried),
+and the slots are learnt again for the next ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    NoScriptError,
-    RedisClusterException,
-    RedisError,
-    TryAgainError,
-)
+from redis.exceptions import AskError, ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
@@ -34,8 +28,33 @@ from redis.typing import EncodableT
 from service.broker.redis_pipe import OnReply, PipeClosed, Redirect, ScriptPipe, settle
 from service.broker.redis_topology import Node, Topology
 
+logger = logging.getLogger(__name__)
+
 #: What a node answers when the call's slot is served elsewhere (or by nobody, for now).
 _REDIRECTED = (AskError, TryAgainError, ClusterDownError)
+#: Seconds before each new attempt of a redirected call: about 1.5 s in all, within
+#: which a slot's move or a shard's failover usually ends.
+_PAUSES = (0.0, 0.05, 0.15, 0.3, 0.5, 0.5)
+
+
+class RedisClusterDown(ClusterDownError):
+    """No node is known to serve the call's slot: it did not run."""
+
+
+class _Redirected:
+    """A call's `OnReply`, once the call was redirected: how many times so far."""
+
+    __slots__ = ("hops", "on_reply")
+
+    def __init__(self, on_reply: OnReply, hops: int) -> None:
+        # Redirected again: the original callback, not a wrapper of a wrapper.
+        self.on_reply: OnReply = (
+            on_reply.on_reply if isinstance(on_reply, _Redirected) else on_reply
+        )
+        self.hops = hops
+
+    def __call__(self, reply: Any) -> None:
+        self.on_reply(reply)
 
 
 class RoutedPipe:
@@ -43,7 +62,6 @@ class RoutedPipe:
 
     def __init__(
         self,
-        script: str,
         topology: Topology,
         pipe_to: Callable[[Node, Redirect], ScriptPipe],
         *,
@@ -53,8 +71,6 @@ class RoutedPipe:
 
         A node's pipe asks `redirect` before it fails a call.
         """
-        self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
         self._topology = topology
         self._pipe_to = pipe_to
         self._on_misrouted = on_misrouted
@@ -76,7 +92,8 @@ class RoutedPipe:
         node = self._topology.node_for(keys[0] if keys else b"")  # no keys: anywhere
         if node is None:  # the slots are not known yet
             self._on_misrouted()
-            self._through_client(keys, args, on_reply)
+            error = RedisClusterDown("the cluster's slots are not known yet")
+            asyncio.get_running_loop().call_soon(on_reply, error)
             return
         pipe = self._pipes.get(node.name)
         if pipe is None:
@@ -84,43 +101,39 @@ class RoutedPipe:
         pipe.start(keys, args, on_reply)
 
     def redirect(self, parts: list[EncodableT], on_reply: OnReply, failure: Exception) -> bool:
-        """A node's pipe is about to fail a call: take it over if its slot is elsewhere."""
-        if isinstance(failure, _REDIRECTED):
-            self._on_misrouted()
-            count = int(parts[0])
-            keys, args = parts[1 : 1 + count], parts[1 + count :]
-            self._through_client(keys, args, on_reply)
-            return True
+        """A node's pipe is about to fail a call: send it where its slot is, if it is elsewhere.
+
+        True: the call goes on (its `on_reply` is answered later); False: it fails.
+        """
         if isinstance(failure, (RedisConnectionError, RedisTimeoutError)):
             self._on_misrouted()  # the node may be gone: the next calls go where it went
-        return False
-
-    def _through_client(
-        self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply
-    ) -> None:
-        task = asyncio.ensure_future(self._client_call(keys, args, on_reply))
+            return False
+        if not isinstance(failure, _REDIRECTED):
+            return False
+        self._on_misrouted()
+        hops = on_reply.hops if isinstance(on_reply, _Redirected) else 0
+        if hops >= len(_PAUSES):
+            return False  # it fails with the last answer: the call did not run
+        count = int(parts[0])
+        keys, args = parts[1 : 1 + count], parts[1 + count :]
+        again = _Redirected(on_reply, hops + 1)
+        task = asyncio.ensure_future(self._again(keys, args, again, _PAUSES[hops]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
-    async def _client_call(
-        self, keys: list[EncodableT], args: list[EncodableT], on_reply: OnReply
+    async def _again(
+        self, keys: list[EncodableT], args: list[EncodableT], on_reply: _Redirected, pause: float
     ) -> None:
-        # Without the server's run id (the script's last ARGV): which node runs it is the
-        # client's choice, and a script told no server keeps the channel's epoch as is.
-        client = self._topology.client
         try:
-            try:
-                reply = await client.evalsha(self._sha, len(keys), *keys, *args)
-            except NoScriptError:
-                reply = await client.eval(self._script, len(keys), *keys, *args)
+            await asyncio.sleep(pause)
+            await self._topology.refresh()
         except asyncio.CancelledError:
             on_reply(PipeClosed("the call was cancelled: the pipe is closing"))
             raise
-        except RedisError as exc:
-            reply = exc
-        except RedisClusterException as exc:  # not a RedisError, yet Redis's failure
-            reply = RedisError(f"the cluster did not take the call: {exc}")
-        on_reply(reply)
+        except Exception as exc:  # the slots stay as they were: the call goes on anyway
+            logger.debug("the cluster's slots not learnt before a redirected call: %r", exc)
+        self.start(keys, args, on_reply)
 
     async def close(self) -> None:
         """Close every node's pipe; calls in flight fail (`PipeClosed`)."""

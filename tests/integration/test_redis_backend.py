@@ -98,6 +98,20 @@ async def test_an_old_ack_does_not_confirm_a_newer_subscribe(backend: RedisBacke
     assert link._pending == {}
 
 
+async def test_a_second_subscribe_to_a_live_channel_stays_confirmed(
+    backend: RedisBackend,
+) -> None:
+    # broadcaster asks the backend again when two first subscribers race: the second
+    # must not wait for a confirmation that never comes.
+    channel = unique("twice")
+    await backend.subscribe(channel)
+    await backend.wait_subscribed(channel)
+    await backend.subscribe(channel)
+    async with asyncio.timeout(1 * UNIT):
+        await backend.wait_subscribed(channel)
+    assert backend.subscriptions_alive(), backend.problem()
+
+
 class Recorded:
     """A `ChannelSink` that keeps what it is handed (service/broker/sink.py)."""
 

@@ -16,6 +16,7 @@ def call(key: str | None, key_ttl: int = 300, token_ttl: int = 20) -> tuple[list
         b'"hi"',
         prefix="p:",
         pubsub_key=b"p:chat:1",
+        publish_command=b"PUBLISH",
         size=100,
         ttl=300,
         meta_ttl=604_800,
