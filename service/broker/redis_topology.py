@@ -12,9 +12,9 @@ A worker talks to Redis through one of two topologies, with the same calls:
 
 The command client (history reads, join/leave events, the canary, PING) is redis-py's:
 `Redis` or `RedisCluster`, which follows MOVED and ASK itself. The worker's own
-connections (the pub/sub readers and the publish pipes) are made per node from what
-that client knows of the node, and `refresh` asks the cluster for its slots again when
-they report a node gone or a slot moved.
+connections (the pub/sub readers and the publish pipes) are made per node, with the
+URL's credentials and TLS, and `refresh` asks the cluster for its slots again (CLUSTER
+SLOTS) when they report a node gone or a slot moved.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -195,19 +195,18 @@ class OneServer:
 
 
 class _ClusterNode:
-    """A cluster node as redis-py's client knows it: its address and connection options."""
+    """A cluster node: its address, and the options of the connections made to it."""
 
-    def __init__(self, node: ClusterNode) -> None:
-        self.name: str = node.name
-        self.label = f" (node {node.name})"
-        #: redis-py's record of the node.
-        self.server = node
+    def __init__(self, host: str, port: int, options: dict[str, Any]) -> None:
+        self.name = f"{host}:{port}"
+        self.label = f" (node {self.name})"
+        self._options = {**options, "host": host, "port": port}
 
     def connection(self, **overrides: Any) -> AbstractConnection:
-        kwargs = {**self.server.connection_kwargs, **overrides}
-        # The node's options name its host and port too.
-        connection: AbstractConnection = self.server.connection_class(**kwargs)
-        return connection
+        options = {**self._options, **overrides}
+        if options.pop("ssl", False):
+            return SSLConnection(**options)
+        return Connection(**options)
 
 
 class Cluster:
@@ -230,6 +229,15 @@ class Cluster:
             require_full_coverage=False,
             **options,
         )
+        # What the worker's own connections to a node are made with (`own_connection`
+        # replaces the retry): the URL's credentials and TLS, the timeouts, the name.
+        options.pop("max_connections", None)
+        self._node_options: dict[str, Any] = {
+            **options,
+            "username": target.username,
+            "password": target.password,
+            "ssl": target.tls,
+        }
         self._nodes: dict[str, _ClusterNode] = {}
         # slot -> the node that owned it when the slots were last learnt
         self._owners: list[_ClusterNode | None] = [None] * 16384
@@ -240,24 +248,26 @@ class Cluster:
         return self._client
 
     async def refresh(self) -> None:
-        """Ask the cluster for its slots (redis-py's client learns them too)."""
+        """Ask the cluster for its slots (CLUSTER SLOTS, through the client)."""
         try:
-            await self._client.nodes_manager.initialize()
+            # redis-py's cluster client parses the reply: {(first, last): {"primary":
+            # (host, port), "replicas": [...]}}; its stub says a list.
+            reply: Any = await self._client.cluster_slots()
+            ranges: dict[tuple[int, int], dict[str, Any]] = reply
         except RedisError:
             raise
         except Exception as exc:  # redis-py's RedisClusterException is not a RedisError
             raise RedisError(f"no node told the cluster's slots: {exc}") from exc
         nodes: dict[str, _ClusterNode] = {}
         owners: list[_ClusterNode | None] = [None] * 16384
-        for slot, holders in self._client.nodes_manager.slots_cache.items():
-            if not holders:
-                continue
-            primary = holders[0]
-            node = nodes.get(primary.name) or self._nodes.get(primary.name)
-            if node is None or node.server is not primary:
-                node = _ClusterNode(primary)
-            nodes[primary.name] = node
-            owners[slot] = node
+        for (first, last), holders in ranges.items():
+            host, port = holders["primary"][:2]
+            name = f"{host}:{port}"
+            node = nodes.get(name) or self._nodes.get(name)
+            if node is None:
+                node = _ClusterNode(host, int(port), self._node_options)
+            nodes[name] = node
+            owners[first : last + 1] = [node] * (last - first + 1)
         self._nodes, self._owners = nodes, owners
 
     def nodes(self) -> list[Node]:
