@@ -156,7 +156,9 @@ class LocalCluster:
         replicas: int = 1,
         node_timeout_ms: int = 1000,
         full_coverage: bool = True,
+        password: str | None = None,
     ) -> None:
+        """`password`: every node requires it (`requirepass`, and `masterauth` for replicas)."""
         if primaries < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 primaries")
         if replicas < 0:
@@ -172,6 +174,7 @@ class LocalCluster:
         self.replica_count = replicas
         self.node_timeout_ms = node_timeout_ms
         self.full_coverage = full_coverage
+        self.password = password
         self._ports = free_cluster_ports(primaries * (1 + replicas))
         self._processes: dict[int, Process] = {}
         self._clients: dict[int, redis.Redis] = {}
@@ -200,7 +203,8 @@ class LocalCluster:
         if not self._initial_primaries:
             raise RuntimeError("the cluster is not started")
         hosts = ",".join(f"127.0.0.1:{port}" for port in self._initial_primaries)
-        return f"redis-cluster://{hosts}"
+        auth = "" if self.password is None else f":{self.password}@"
+        return f"redis-cluster://{auth}{hosts}"
 
     @property
     def ports(self) -> list[int]:
@@ -267,6 +271,7 @@ class LocalCluster:
                 port=port,
                 socket_timeout=2,
                 socket_connect_timeout=1,
+                password=self.password,
                 decode_responses=False,
                 # One try: a frozen or dead node must fail fast, and the waits poll anyway
                 # (redis-py's default would retry three times, 2 s each).
@@ -380,7 +385,8 @@ class LocalCluster:
             keys = _ask(src, "CLUSTER", "GETKEYSINSLOT", slot, MIGRATE_BATCH)
             if not keys:
                 break
-            _ask(src, "MIGRATE", "127.0.0.1", to_port, "", 0, timeout_ms, "KEYS", *keys)
+            auth = [] if self.password is None else ["AUTH", self.password]
+            _ask(src, "MIGRATE", "127.0.0.1", to_port, "", 0, timeout_ms, *auth, "KEYS", *keys)
         # The target first, so that it owns the slot before the source sends clients there.
         live = self._live()
         others = [p for p in self.primaries() if p in live and p not in {source, to_port}]
@@ -424,6 +430,11 @@ class LocalCluster:
                     "daemonize no",
                     # Replicas sync at once, not after the default 5 s wait for others.
                     "repl-diskless-sync-delay 0",
+                    *(
+                        []
+                        if self.password is None
+                        else [f"requirepass {self.password}", f"masterauth {self.password}"]
+                    ),
                 ]
             )
             + "\n"
@@ -447,6 +458,8 @@ class LocalCluster:
     def _create(self, timeout: float) -> None:
         nodes = [f"127.0.0.1:{port}" for port in self._ports]
         command = [self.cli, "--cluster", "create", *nodes]
+        if self.password is not None:
+            command += ["-a", self.password, "--no-auth-warning"]
         command += ["--cluster-replicas", str(self.replica_count), "--cluster-yes"]
         try:
             done = subprocess.run(

@@ -284,3 +284,25 @@ async def test_the_other_shards_go_on_while_one_fails_over(
                 await publish_until_acked(http, workers[0], channel, 0)
         finally:
             await subscriber.close()
+
+
+async def test_a_cluster_that_requires_a_password(
+    tmp_path: Path, make_workers: WorkersFactory, prefix: str
+) -> None:
+    # The URL's password reaches every connection: the client's, and the workers' own
+    # pub/sub and publish connections to each node.
+    with LocalCluster(tmp_path / "cluster", password="s3cret-pw") as cluster:
+        assert cluster.url.startswith("redis-cluster://:s3cret-pw@")
+        workers = cluster_workers(make_workers, cluster, prefix)
+        channel = unique("news")
+        subscribers = [await subscribed_client(w, channel) for w in workers]
+        try:
+            await workers[0].publish_async(channel, "hello")
+            for client in subscribers:
+                assert (await client.recv_type("message"))["data"] == "hello"
+            for worker in workers:
+                assert await ready(worker)
+                assert "s3cret-pw" not in worker.log()
+        finally:
+            for client in subscribers:
+                await client.close()
