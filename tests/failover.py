@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import UNIT, Client, Worker
+from tests.helpers import UNIT, Client, Worker, async_wait_for
 
 # The worker gives up on Redis after BROKER_TIMEOUT; a failover takes the nodes' failure
 # detection (1 s in these tests) and an election: publishes are retried for this long.
@@ -86,3 +86,16 @@ def check_told_where_it_lost(name: str, reader: Reader, acked: list[int]) -> Non
     # Subscribed before the first publish, and read until the last one came.
     assert segments[0][:1] == [acked[0]], f"{name}: the first messages lost with no gap frame"
     assert segments[-1][-1:] == [acked[-1]], f"{name}: the last message missing"
+
+
+async def check_every_reader(readers: list[Reader], acked: list[int]) -> None:
+    """Each reader got the last acknowledged message, and lost nothing without a `gap`."""
+    last = acked[-1]
+    for index, reader in enumerate(readers):
+        await async_wait_for(
+            lambda reader=reader: last in reader.counters(),  # type: ignore[misc]
+            timeout=20,
+            what=f"message {last} at the subscriber on worker {index}: got {reader.items}",
+        )
+    for index, reader in enumerate(readers):
+        check_told_where_it_lost(f"subscriber on worker {index}", reader, acked)
