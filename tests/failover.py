@@ -99,3 +99,25 @@ async def check_every_reader(readers: list[Reader], acked: list[int]) -> None:
         )
     for index, reader in enumerate(readers):
         check_told_where_it_lost(f"subscriber on worker {index}", reader, acked)
+
+
+async def check_resume(
+    worker: Worker, channel: str, since: str, ids: dict[int, str], acked: list[int]
+) -> None:
+    """A client resuming from `since` on `worker` is told it lost some, or gets all after it."""
+    back = await Client.connect(worker.ws + "/ws")
+    try:
+        await back.welcome()
+        await back.send({"type": "subscribe", "channel": channel, "since": since})
+        subscribed = await back.recv_type("subscribed", timeout=10)
+        if subscribed["recovered"]:
+            # Told that nothing is missing: then every later message must come.
+            held = int(next(k for k, v in ids.items() if v == since))
+            last = acked[-1]
+            got = [(await back.recv_type("message"))["data"] for _ in range(last - held)]
+            assert got == list(range(held + 1, last + 1))
+        else:
+            # Not recovered: where its messages start now is said all the same.
+            assert subscribed["position"]
+    finally:
+        await back.close()

@@ -19,7 +19,13 @@ import pytest
 
 from bench.redis_cluster import LocalCluster
 from tests.conftest import WorkersFactory
-from tests.failover import Reader, check_every_reader, epoch, publish_until_acked
+from tests.failover import (
+    Reader,
+    check_every_reader,
+    check_resume,
+    epoch,
+    publish_until_acked,
+)
 from tests.helpers import UNIT, Client, Worker, async_wait_for, subscribed_client, unique
 
 pytestmark = pytest.mark.timeout(180)
@@ -152,21 +158,7 @@ async def test_a_primary_killed_under_a_steady_publisher_is_never_silent(
             await async_wait_for(lambda worker=worker: ready(worker), timeout=20, what="ready")
 
         # The client that left comes back on another worker, from the id it held.
-        back = await Client.connect(workers[2].ws + "/ws")
-        try:
-            await back.welcome()
-            await back.send({"type": "subscribe", "channel": channel, "since": last_seen})
-            subscribed = await back.recv_type("subscribed", timeout=10)
-            held = int(next(k for k, v in ids.items() if v == last_seen))
-            if subscribed["recovered"]:
-                last = acked[-1]
-                got = [(await back.recv_type("message"))["data"] for _ in range(last - held)]
-                assert got == list(range(held + 1, last + 1))
-            else:
-                # Not recovered: the history it gets back starts where it can, and says so.
-                assert subscribed["position"]
-        finally:
-            await back.close()
+        await check_resume(workers[2], channel, last_seen, ids, acked)
     finally:
         for reader in readers:
             await reader.stop()

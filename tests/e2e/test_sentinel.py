@@ -19,7 +19,13 @@ import httpx
 import pytest
 
 from tests.conftest import WorkersFactory
-from tests.failover import Reader, check_every_reader, epoch, publish_until_acked
+from tests.failover import (
+    Reader,
+    check_every_reader,
+    check_resume,
+    epoch,
+    publish_until_acked,
+)
 from tests.helpers import (
     UNIT,
     Client,
@@ -106,19 +112,7 @@ async def test_a_failover_under_a_steady_publisher_is_never_silent(
         assert epoch(ids[acked[-1]]) != epoch(ids[0])
 
         # The client that left comes back on another worker, from the id it held.
-        back = await Client.connect(workers[2].ws + "/ws")
-        try:
-            await back.welcome()
-            await back.send({"type": "subscribe", "channel": channel, "since": last_seen})
-            subscribed = await back.recv_type("subscribed", timeout=10)
-            if subscribed["recovered"]:
-                # Told that nothing is missing: then every later message must come.
-                held = int(next(k for k, v in ids.items() if v == last_seen))
-                last = acked[-1]
-                got = [(await back.recv_type("message"))["data"] for _ in range(last - held)]
-                assert got == list(range(held + 1, last + 1))
-        finally:
-            await back.close()
+        await check_resume(workers[2], channel, last_seen, ids, acked)
     finally:
         for reader in readers:
             await reader.stop()
