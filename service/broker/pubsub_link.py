@@ -270,7 +270,7 @@ class PubSubLink:
                 await conn.connect()  # type: ignore[no-untyped-call]
                 # Before anything is sent: every reply from here on goes to `_reply`.
                 replies = reply_reader(conn, self._reply, fast=self._fast)
-                # From here on `add` sends on this connection itself; every channel held
+                # From here on `send_subscribe` writes on this connection; every channel held
                 # before this point is in the snapshot below (no await in between).
                 self._conn = conn
                 self._generation += 1
