@@ -9,9 +9,9 @@ has no path. No redis-py here: the settings check these URLs without loading it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-from service.sentinel_url import host_list
+from service.sentinel_url import credentials, host_list
 
 CLUSTER_SCHEMES = ("redis-cluster", "rediss-cluster")
 _DEFAULT_PORT = 6379
@@ -32,8 +32,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     parts = urlsplit(url)
     if parts.scheme not in CLUSTER_SCHEMES:
         raise ValueError(f"not a Redis Cluster URL: scheme {parts.scheme!r}")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    username, password, hosts = credentials(parts.netloc)
     nodes = host_list(hosts, _DEFAULT_PORT, "Redis Cluster node")
     if not nodes:
         raise ValueError(
@@ -46,7 +45,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
         raise ValueError("a Redis Cluster URL takes no parameters")
     return ClusterTarget(
         nodes=nodes,
-        username=unquote(username) or None,
-        password=unquote(password) or None,
+        username=username,
+        password=password,
         tls=parts.scheme == "rediss-cluster",
     )

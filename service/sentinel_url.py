@@ -37,8 +37,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     parts = urlsplit(url)
     if parts.scheme not in SENTINEL_SCHEMES:
         raise ValueError(f"not a Sentinel URL: scheme {parts.scheme!r}")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    username, password, hosts = credentials(parts.netloc)
     sentinels = host_list(hosts, _DEFAULT_SENTINEL_PORT, "Sentinel")
     if not sentinels:
         raise ValueError(
@@ -65,12 +64,19 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         sentinels=sentinels,
         service=unquote(path[0]),
         db=int(db),
-        username=unquote(username) or None,
-        password=unquote(password) or None,
+        username=username,
+        password=password,
         sentinel_username=query.get("sentinel_username"),
         sentinel_password=query.get("sentinel_password"),
         tls=parts.scheme == "rediss+sentinel",
     )
+
+
+def credentials(netloc: str) -> tuple[str | None, str | None, str]:
+    """`[[user]:password@]hosts` as (user, password, hosts); None where not given."""
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    return unquote(username) or None, unquote(password) or None, hosts
 
 
 def host_list(hosts: str, default_port: int, what: str) -> tuple[tuple[str, int], ...]:
