@@ -9,8 +9,10 @@ protocols for those (tested ranges in pyproject.toml):
   the WebSocket upgrade in time (408, 503: HANDSHAKE_TIMEOUT).
 * `ReadingProtocol`: answers, with the reason, an upgrade websockets refused; drops the
   socket of a closing client that never reads; keeps `takes_writes` (whether uvicorn's
-  own `send` of a text frame would just write it) up to date; and offers whole text
-  messages, once websockets' own parser made them, to a `TextReader` from inside the read.
+  own `send` of a text frame would just write it) up to date; offers whole text
+  messages, once websockets' own parser made them, to a `TextReader` from inside the read;
+  and waits on a lean queue and event instead of asyncio's (waitables.py), which hold
+  3.8 KB per idle connection.
 * `transport_for` hands each connection a `service.transport.Transport`: `DirectTransport`
   writes frames to the socket itself (docs/performance.md, "What changed, and what each
   part bought", nos. 1, 6 and 8), `BoundedTransport` only drops sockets, and the plain
@@ -46,6 +48,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.version import version as websockets_version
 
+from service.adapters.waitables import LeanEvent, LeanQueue
 from service.protocol.wire import wire_frames
 from service.transport import Send, TextReader, Transport
 
@@ -92,6 +95,10 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # uvicorn's asyncio.Queue and asyncio.Event, which hold 3.8 KB of deques from
+        # the start, swapped for ones that cost nothing until used (waitables.py).
+        self.queue = LeanQueue()  # type: ignore[assignment]
+        self.writable = LeanEvent(is_set=True)  # type: ignore[assignment]
         #: Set by the connection's transport while it reads (`set_reader`).
         self.reader: TextReader | None = None
         #: True while uvicorn's `send` of a text frame would just write it (`_recheck`),
@@ -620,6 +627,9 @@ def transport_for(send: Send, *, fast: bool) -> Transport:
     if not isinstance(protocol, ReadingProtocol) or not adapter_ready():
         return Transport(send)
     if protocol.handshake_complete:
+        # websockets' parser holds on to the request too (a local of its generator):
+        # emptied, its headers go with uvicorn's references.
+        protocol.request.headers.clear()
         protocol.request = None  # type: ignore[assignment]
         protocol.response = None  # type: ignore[assignment]
         conn = protocol.conn

@@ -23,6 +23,7 @@ from service.adapters.uvicorn import (
     DirectTransport,
     ReadingProtocol,
 )
+from service.adapters.waitables import LeanEvent, LeanQueue
 from service.outbox import Outbox, OutboxLimits
 from service.protocol.wire import text_frame
 from service.transport import Send
@@ -252,6 +253,10 @@ async def drive_connections() -> None:
         assert isinstance(written, ProbeTransport)
         _expect(written.written.startswith(b"HTTP/1.1 101"), "the upgrade was not accepted")
         _has(ws, "WebSocketsSansIOProtocol", ACCEPTED_FIELDS)
+        _expect(
+            isinstance(ws.queue, LeanQueue) and isinstance(ws.writable, LeanEvent),
+            "uvicorn replaced the connection's queue or event after its constructor",
+        )
         _expect(ws.takes_writes, "an open connection took no writes")
         direct = DirectTransport(cast(Send, ws.send), ws)
         reader = _Taker()

@@ -25,6 +25,7 @@ from service.adapters.uvicorn import (
     ReadingProtocol,
     transport_for,
 )
+from service.adapters.waitables import LeanEvent, LeanQueue
 from service.outbox import Outbox, OutboxLimits
 from service.protocol.wire import WireFrames, text_frame
 from service.transport import Send, TextReader, Transport
@@ -335,10 +336,29 @@ async def test_the_handshake_is_let_go_once_accepted() -> None:
     # uvicorn keeps the request and the response, headers and all, for the connection's
     # whole life; they are read only until `accept`.
     protocol, _ = await open_protocol()
-    assert protocol.request is not None
+    request = protocol.request
+    assert request is not None
+    assert len(request.headers) > 0
     transport_for(cast(Send, protocol.send), fast=True)
     assert protocol.request is None
     assert protocol.response is None
+    # websockets' parser holds the request for ever too: its headers are emptied.
+    assert len(request.headers) == 0
+
+
+async def test_the_connection_waits_on_lean_queue_and_event() -> None:
+    # uvicorn's asyncio.Queue and asyncio.Event hold 3.8 KB of deques per connection;
+    # the protocol's stand-ins hold none while idle (service/adapters/waitables.py).
+    protocol, _ = await open_protocol()
+    assert isinstance(protocol.queue, LeanQueue)
+    assert isinstance(protocol.writable, LeanEvent)
+    assert protocol.writable.is_set()
+    protocol.pause_writing()
+    assert not protocol.writable.is_set()
+    assert not protocol.takes_writes
+    protocol.resume_writing()
+    assert protocol.writable.is_set()
+    assert protocol.takes_writes
 
 
 async def test_a_direct_transport_sets_the_reader() -> None:

@@ -1,0 +1,107 @@
+"""A queue and an event for one connection that cost nothing while nobody waits on them.
+
+uvicorn gives every WebSocket connection an `asyncio.Queue` for what it hands the app
+and an `asyncio.Event` for whether the socket takes writes. They hold
+`collections.deque`s from the start (four for the queue, its `join` event included, one
+for the event), about 760 bytes each on CPython 3.11: 3.8 KB of an idle connection's
+20 KB (docs/performance.md, "What changed, and what each part bought", no. 9). The
+adapter's protocol swaps in these, which keep a short list only while something is
+queued or waited for, and offer the calls uvicorn and the adapter make: `put_nowait`,
+`get`, `get_nowait` and `empty`; `set`, `clear`, `is_set` and `wait`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Generic, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class LeanQueue(Generic[T]):
+    """An unbounded first-in first-out queue: asyncio.Queue's calls that uvicorn makes."""
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: list[T] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def empty(self) -> bool:
+        """True if nothing is queued."""
+        return not self._items
+
+    def put_nowait(self, item: T) -> None:
+        """Queue `item` and wake whoever waits in `get`."""
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
+        # Every waiter is woken and looks again: one that is cancelled before it runs
+        # then cannot strand the item while another waits.
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def get_nowait(self) -> T:
+        """The oldest item; `asyncio.QueueEmpty` if there is none."""
+        if not self._items:
+            raise asyncio.QueueEmpty
+        # Short: uvicorn stops reading the socket while anything is queued.
+        return self._items.pop(0)
+
+    async def get(self) -> T:
+        """The oldest item, once there is one."""
+        while not self._items:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        return self._items.pop(0)
+
+
+class LeanEvent:
+    """A flag that can be waited for: asyncio.Event's calls that uvicorn makes."""
+
+    __slots__ = ("_is_set", "_waiters")
+
+    def __init__(self, *, is_set: bool = False) -> None:
+        self._is_set = is_set
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        """True while the flag is up."""
+        return self._is_set
+
+    def set(self) -> None:
+        """Raise the flag and wake everyone waiting for it."""
+        if self._is_set:
+            return
+        self._is_set = True
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Lower the flag."""
+        self._is_set = False
+
+    async def wait(self) -> Literal[True]:
+        """Return once the flag is up (at once if it is)."""
+        if self._is_set:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+        return True
