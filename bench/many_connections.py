@@ -306,7 +306,6 @@ class Run:
                 "parallel": self.args.parallel,
                 "retries": self.args.retries,
                 "progressMs": 1000,
-                "deflate": True,  # offered, as browsers do; the workers decline it
                 # Its own end, should this process die without stopping it.
                 "deadlineMs": int((self.left() + 30) * 1000),
             }
@@ -619,10 +618,14 @@ def measure(run: Run, servers: Servers) -> dict[str, Any]:
             servers.check_alive()
             row = _broadcast(run, servers, http, k)
             broadcasts.append(row)
-            print(
-                f"  broadcast {k + 1}/{args.broadcasts}: {row['received']:,} received, "
+            timings = (
                 f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
-                f"max {row['max_ms']:.0f} ms",
+                f"max {row['max_ms']:.0f} ms"
+                if row["received"]
+                else "no timings"
+            )
+            print(
+                f"  broadcast {k + 1}/{args.broadcasts}: {row['received']:,} received, {timings}",
                 flush=True,
             )
     result["broadcasts"] = broadcasts

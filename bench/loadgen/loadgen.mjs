@@ -2,7 +2,13 @@
 //
 // Node with the `ws` library, so that receiving a delivery costs the generator a few
 // microseconds and the generator is not what limits the service (bench/README.md says how
-// that is checked). One process; driven by bench/run.py:
+// that is checked). The `many` kind's listeners use raw_websocket.mjs instead: with up to
+// 100,000 connections on the server's two cores, ws's stream machinery cost the generator
+// ~15 µs a message, more than the server's ~10 µs a delivery; the raw client (which offers
+// no permessage-deflate) costs much less.
+//
+// One process; driven by bench/loadgen.py (`python -m bench`), and the `many` kind by
+// bench/many_connections.py:
 //
 //   node loadgen.mjs '<config JSON>'
 //
@@ -15,6 +21,8 @@
 import { performance } from "node:perf_hooks";
 import readline from "node:readline";
 import WebSocket from "ws";
+
+import { CLOSED, OPEN, RawWebSocket } from "./raw_websocket.mjs";
 
 const config = JSON.parse(process.argv[2]);
 const now = () => performance.now(); // ms, monotonic, the same clock for send and receive
@@ -525,28 +533,28 @@ class Listener {
   connect() {
     if (this.ws) this.ws.terminate(); // a retry: the failed attempt's socket goes
     const connecting = new Promise((resolve, reject) => {
-      // Its own source address: one address has ~28k ephemeral ports in all.
-      const ws = new WebSocket(this.url, {
-        perMessageDeflate: config.deflate !== false,
+      // Its own source address: one address has ~28k ephemeral ports in all. No
+      // per-message deflate offered (the raw client has none): config.deflate is ignored.
+      const ws = new RawWebSocket(this.url, {
         localAddress: this.localAddress,
-        handshakeTimeout: config.handshakeTimeoutMs ?? 30_000,
+        handshakeTimeoutMs: config.handshakeTimeoutMs ?? 30_000,
       });
       this.ws = ws;
       // Events of an attempt this listener gave up on are not its business any more.
-      ws.on("error", (error) => {
+      ws.onerror = (error) => {
         if (ws === this.ws && !this.subscribed) reject(error);
-      });
-      ws.on("close", (code) => {
+      };
+      ws.onclose = (code) => {
         if (ws !== this.ws) return;
         if (this.subscribed) {
           if (!this.audience.closing) count(stats.closes, code);
           this.audience.connected -= 1;
           this.subscribed = false;
         } else reject(new Error(`closed ${code} before subscribing`));
-      });
-      ws.on("message", (data) => {
+      };
+      ws.onmessage = (text) => {
         if (ws !== this.ws) return;
-        const frame = JSON.parse(data.toString());
+        const frame = JSON.parse(text);
         if (frame.type === "message") this.audience.receive(this.index, frame.data);
         else if (frame.type === "welcome") ws.send(JSON.stringify({ type: "subscribe", channel: config.channel }));
         else if (frame.type === "subscribed") {
@@ -557,7 +565,7 @@ class Listener {
           count(stats.errors, frame.code);
           if (!this.subscribed) reject(new Error(`error ${frame.code}: ${frame.message}`));
         }
-      });
+      };
     });
     return connecting.catch((error) => {
       this.audience.failed += 1;
@@ -648,10 +656,10 @@ async function many() {
     }
   }
   audience.closing = true;
-  const open = listeners.filter((l) => l.subscribed && l.ws.readyState === WebSocket.OPEN);
+  const open = listeners.filter((l) => l.subscribed && l.ws.readyState === OPEN);
   for (const l of open) l.ws.close();
   try {
-    await until(() => open.every((l) => l.ws.readyState === WebSocket.CLOSED), 5_000, "the closes");
+    await until(() => open.every((l) => l.ws.readyState === CLOSED), 5_000, "the closes");
   } catch (error) {
     for (const l of open) l.ws.terminate();
   }

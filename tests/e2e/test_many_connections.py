@@ -95,6 +95,31 @@ def test_every_connection_gets_every_message_and_results_hold_what_the_doc_quote
     assert leftovers(out, document["channel"]) == []
 
 
+def test_every_connection_answers_the_workers_pings(tmp_path: Path) -> None:
+    # Pings every 0.5 s, each answered within 2 s or the connection is dropped: over the
+    # idle window and the broadcast, a client that did not answer would be gone.
+    out = tmp_path / "many"
+    result = subprocess.run(
+        tool(
+            *SMALL,
+            *("--set", "WS_PING_INTERVAL=0.5", "--set", "WS_PING_TIMEOUT=2"),
+            *("--broadcasts", "1", "--idle-seconds", "3", "--out", str(out)),
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads((out / "results.json").read_text())
+    assert document["idle_seconds"] >= 3
+    assert document["connected"] == 2000
+    assert document["unexpected_closes"] == {}
+    assert document["all_received"] is True
+    assert [row["received"] for row in document["broadcasts"]] == [2000]
+
+
 def test_a_stopped_run_stops_everything_it_started(tmp_path: Path) -> None:
     out = tmp_path / "many"
     process = subprocess.Popen(
