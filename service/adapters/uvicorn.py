@@ -29,10 +29,13 @@ ASGI.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
+import random
 import socket
 import struct
+import weakref
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +47,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets import http11
+from websockets.frames import Frame
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.version import version as websockets_version
 
+from service.adapters.ticks import Ticks
 from service.adapters.waitables import LeanEvent, LeanQueue
 from service.protocol.wire import wire_frames
 from service.transport import Send, TextReader, Transport
@@ -81,6 +86,33 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 # --- The WebSocket protocol ------------------------------------------------------------
 
 
+class KeepaliveDue(enum.Enum):
+    """What a connection's keepalive waits for on the grid of ticks."""
+
+    PING = "the next ping"
+    PONG = "the pong of the ping in flight"
+
+
+def keepalive_tick(ping_interval: float) -> float:
+    """The keepalive grid's tick: a 40th of the ping interval, at most half a second."""
+    return min(0.5, ping_interval / 40)
+
+
+_grids: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, Ticks]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def keepalive_grid(loop: asyncio.AbstractEventLoop, ping_interval: float) -> Ticks:
+    """The grid the event loop's connections with this ping interval share."""
+    tick = keepalive_tick(ping_interval)
+    grids = _grids.setdefault(loop, {})
+    grid = grids.get(tick)
+    if grid is None:
+        grid = grids[tick] = Ticks(loop, tick)
+    return grid
+
+
 class ReadingProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol, with the extras `transport_for` hands out.
 
@@ -91,7 +123,15 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
 
     # Slots, not entries in the instance's __dict__: idle connections are counted in
     # bytes (docs/performance.md, "What changed, and what each part bought", no. 2).
-    __slots__ = ("_drop_timer", "_handshake_timer", "reader", "takes_writes")
+    __slots__ = (
+        "_drop_timer",
+        "_grid",
+        "_handshake_timer",
+        "_keepalive",
+        "_keepalive_tick",
+        "reader",
+        "takes_writes",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,6 +147,10 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         #: Set while the app has yet to answer the upgrade (`handshake_deadline`).
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._drop_timer: asyncio.TimerHandle | None = None
+        # The keepalive's place on the worker's grid, instead of uvicorn's two timers.
+        self._grid: Ticks | None = None
+        self._keepalive: KeepaliveDue | None = None
+        self._keepalive_tick = 0
 
     def drop_within(self, delay: float) -> None:
         """Abort the socket unless the connection is gone within `delay` seconds.
@@ -165,6 +209,62 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
             super().connection_lost(exc)
         finally:
             self._recheck()
+
+    # The keepalive: uvicorn's pings and pong deadlines, on a grid shared by the worker's
+    # connections (ticks.py) instead of two timers of each connection's own.
+
+    def schedule_ping(self) -> None:
+        """As uvicorn's: the next ping is due one interval (less the last round trip) on."""
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        self._wait_for(KeepaliveDue.PING, self.loop.time() + delay)
+
+    def send_keepalive_ping(self) -> None:
+        """As uvicorn's: a ping with a random payload, and a deadline for its pong."""
+        if self.close_sent or self.transport.is_closing():
+            return
+        payload = self.pending_ping_payload = random.getrandbits(32).to_bytes(4, "big")
+        self.ping_sent_at = self.loop.time()
+        self.conn.send_ping(payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        if self.ping_timeout is not None:
+            self._wait_for(KeepaliveDue.PONG, self.ping_sent_at + self.ping_timeout)
+        else:
+            self.schedule_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        """As uvicorn's: the pong of the ping in flight ends its wait; the next is due."""
+        if self.pending_ping_payload is None or bytes(event.data) != self.pending_ping_payload:
+            return  # unsolicited, or an earlier ping's
+        self.last_ping_rtt = self.loop.time() - self.ping_sent_at
+        self.pending_ping_payload = None
+        if self._keepalive is KeepaliveDue.PONG:
+            self.schedule_ping()
+
+    def stop_keepalive(self) -> None:
+        """As uvicorn's: nothing more is due (closing, or gone)."""
+        super().stop_keepalive()
+        if self._keepalive is not None and self._grid is not None:
+            self._grid.discard(self._keepalive_tick, self)
+        self._keepalive = None
+
+    def tick(self) -> None:
+        """The keepalive's tick has come: ping, or give up on the pong (close 1011)."""
+        due, self._keepalive = self._keepalive, None
+        if due is KeepaliveDue.PING:
+            self.send_keepalive_ping()
+        elif due is KeepaliveDue.PONG:
+            self.keepalive_timeout()
+
+    def _wait_for(self, due: KeepaliveDue, when: float) -> None:
+        grid = self._grid
+        if grid is None:
+            assert self.ping_interval is not None
+            grid = self._grid = keepalive_grid(self.loop, self.ping_interval)
+        elif self._keepalive is not None:
+            grid.discard(self._keepalive_tick, self)
+        self._keepalive = due
+        self._keepalive_tick = grid.add(when, self)
 
     def pause_writing(self) -> None:
         """As uvicorn's: the client reads slowly (called from inside a write)."""
@@ -682,6 +782,11 @@ RELIED_ON: dict[type, tuple[str, ...]] = {
         "resume_writing",
         "shutdown",
         "keepalive_timeout",
+        "start_keepalive",
+        "stop_keepalive",
+        "schedule_ping",
+        "send_keepalive_ping",
+        "handle_pong",
         "send",
         "send_receive_event_to_app",
         "handle_handshake_exception",

@@ -21,6 +21,7 @@ from uvicorn.server import ServerState
 from service.adapters.uvicorn import (
     BoundedHttpProtocol,
     DirectTransport,
+    KeepaliveDue,
     ReadingProtocol,
 )
 from service.adapters.waitables import LeanEvent, LeanQueue
@@ -45,6 +46,12 @@ WS_FIELDS = (
     "disconnected",
     "initial_response",
     "writable",
+    "ping_interval",
+    "ping_timeout",
+    "ping_timer",
+    "pending_ping_payload",
+    "ping_sent_at",
+    "last_ping_rtt",
 )
 ACCEPTED_FIELDS = ("request", "response")  # set once the request is read
 CONN_FIELDS = ("state", "writes", "extensions", "debug", "handshake_exc")
@@ -258,6 +265,21 @@ async def drive_connections() -> None:
             "uvicorn replaced the connection's queue or event after its constructor",
         )
         _expect(ws.takes_writes, "an open connection took no writes")
+        # The keepalive on the grid: a ping when its tick comes, the next one due once
+        # its pong is in.
+        _expect(ws._keepalive is KeepaliveDue.PING, "no ping due once accepted")
+        _expect(ws.ping_timer is None, "uvicorn's own ping timer runs too")
+        written.written.clear()
+        ws.tick()
+        payload = ws.pending_ping_payload
+        _expect(
+            payload is not None and written.written == b"\x89\x04" + payload,
+            "the ping's tick sent no ping",
+        )
+        assert payload is not None
+        _expect(ws._keepalive is KeepaliveDue.PONG, "no deadline for the pong")
+        ws.data_received(b"\x8a\x84\0\0\0\0" + payload)
+        _expect(ws._keepalive is KeepaliveDue.PING, "the pong did not make the next ping due")
         direct = DirectTransport(cast(Send, ws.send), ws)
         reader = _Taker()
         direct.set_reader(reader)

@@ -1,0 +1,136 @@
+"""Keepalive pings on a grid shared by a worker's connections (service/adapters/ticks.py).
+
+The adapter's protocol keeps uvicorn's keepalive (a ping every WS_PING_INTERVAL, close
+1011 without its pong within WS_PING_TIMEOUT) but puts the deadlines on a grid of ticks,
+one event-loop timer per tick, instead of two timers per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+from service.adapters.ticks import Ticks
+from service.adapters.uvicorn import KeepaliveDue, ReadingProtocol, keepalive_grid, keepalive_tick
+from tests.helpers import async_wait_for
+from tests.unit.test_wire import close_code, open_protocol
+
+
+class Member:
+    def __init__(self, name: str, told: list[str]) -> None:
+        self.name = name
+        self.told = told
+
+    def tick(self) -> None:
+        self.told.append(self.name)
+
+
+async def test_members_due_in_one_tick_are_told_together_and_never_early() -> None:
+    loop = asyncio.get_running_loop()
+    ticks = Ticks(loop, 0.05)
+    told: list[str] = []
+    start = loop.time()
+    first = ticks.add(start + 0.01, Member("a", told))
+    assert ticks.add(start + 0.02, Member("b", told)) == first  # the same tick
+    ticks.add(start + 0.2, Member("c", told))
+    await async_wait_for(lambda: len(told) >= 2, 2, "the first tick")
+    assert sorted(told) == ["a", "b"]
+    assert loop.time() >= start + 0.02
+    await async_wait_for(lambda: len(told) >= 3, 2, "the later tick")
+    assert told[2] == "c"
+    assert loop.time() >= start + 0.2
+    assert ticks.pending() == 0
+
+
+async def test_a_discarded_member_is_not_told_and_a_failing_one_stops_no_other() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[object] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["exception"]))
+    ticks = Ticks(loop, 0.02)
+    told: list[str] = []
+    gone = Member("gone", told)
+
+    class Broken:
+        def tick(self) -> None:
+            raise RuntimeError("broken")
+
+    when = loop.time() + 0.01
+    tick = ticks.add(when, gone)
+    ticks.add(when, Broken())
+    ticks.add(when, Member("kept", told))
+    ticks.discard(tick, gone)
+    ticks.discard(tick + 100, gone)  # not due then: nothing
+    await async_wait_for(lambda: ticks.pending() == 0, 2, "the tick")
+    assert told == ["kept"]
+    assert [str(exc) for exc in reported] == ["broken"]
+
+
+def pong_for(written: bytearray) -> bytes:
+    """The masked pong a client answers the last ping in `written` with."""
+    head = written.rfind(b"\x89\x04")
+    assert head >= 0, "no ping written"
+    client = ClientProtocol(parse_uri("ws://test/ws"))
+    client.state = State.OPEN
+    client.send_pong(bytes(written[head + 2 : head + 6]))
+    return b"".join(client.data_to_send())
+
+
+async def ticked(protocol: ReadingProtocol, due: KeepaliveDue | None) -> None:
+    """Wait until the protocol's keepalive waits for `due` (None: nothing)."""
+    await async_wait_for(lambda: protocol._keepalive is due, 2, f"waiting for {due}")
+
+
+async def test_pings_pongs_and_a_missing_pong_close_1011() -> None:
+    protocol, transport = await open_protocol(ws_ping_interval=0.2, ws_ping_timeout=0.2)
+    assert protocol._keepalive is KeepaliveDue.PING
+    assert protocol.ping_timer is None  # not uvicorn's own timer
+    await ticked(protocol, KeepaliveDue.PONG)
+    assert protocol.pending_ping_payload is not None
+    protocol.data_received(pong_for(transport.written))
+    assert protocol._keepalive is KeepaliveDue.PING
+    assert protocol.pending_ping_payload is None
+    # The next ping, left unanswered: closed with 1011 within the timeout and a tick.
+    await ticked(protocol, KeepaliveDue.PONG)
+    pinged = asyncio.get_running_loop().time()
+    await ticked(protocol, None)
+    assert transport.closing
+    assert close_code(transport.written) == 1011
+    late = asyncio.get_running_loop().time() - pinged
+    assert 0.2 <= late < 0.2 + keepalive_tick(0.2) + 0.1
+
+
+async def test_a_connection_that_ends_leaves_nothing_on_the_grid() -> None:
+    protocol, _ = await open_protocol(ws_ping_interval=30, ws_ping_timeout=30)
+    grid = keepalive_grid(asyncio.get_running_loop(), 30)
+    assert grid.interval == keepalive_tick(30) == 0.5
+    assert grid.pending() == 1
+    protocol.connection_lost(None)
+    assert grid.pending() == 0
+    assert protocol._keepalive is None
+
+
+async def test_connections_share_one_grid_and_its_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvicorn's keepalive made a loop timer per connection for each ping and each pong.
+    loop = asyncio.get_running_loop()
+    grid = keepalive_grid(loop, 40)
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        timers.append(when)
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counted)
+    protocols = [
+        (await open_protocol(ws_ping_interval=40, ws_ping_timeout=40))[0] for _ in range(50)
+    ]
+    assert grid.pending() == 50
+    assert 1 <= len(timers) <= 2  # their pings fall due within a tick or two
+    for protocol in protocols:
+        protocol.connection_lost(None)
+    assert grid.pending() == 0
