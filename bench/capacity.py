@@ -34,7 +34,8 @@ class Figure:
     command: str
 
 
-# Every figure the model uses, measured on 2026-12-06 on a 2-core machine shared with
+# Every figure the model uses, measured on 2026-12-06 (memory and idle CPU again on
+# 2026-12-07, after the service's changes to them) on a 2-core machine shared with
 # other jobs; of two runs, the worse figure (docs/capacity.md, "Measured figures", has
 # the same table, both runs and where each figure comes from).
 MEASURED: dict[str, Figure] = {
@@ -86,23 +87,23 @@ MEASURED: dict[str, Figure] = {
         ),
         Figure(
             "idle_cpu_us_per_connection_s",
-            7.48,
+            2.27,
             "us",
             "worker CPU per open idle connection per second: its keepalive ping every "
             "WS_PING_INTERVAL (20 s) and the pong",
             "python -m bench.many_connections --connections 14300 --workers 1 --loadgens 1 "
-            "--idle-seconds 10",
+            "--idle-seconds 20",
         ),
         Figure(
             "connection_bytes",
-            20_408.0,
+            13_366.0,
             "bytes",
             "worker resident memory per idle subscribed connection",
             "scripts/bench --scenarios idle",
         ),
         Figure(
             "worker_base_bytes",
-            77_805_275.0,
+            77_269_285.0,
             "bytes",
             "worker resident memory with no connection",
             "python -m bench.many_connections --connections 100000 --workers 7 --loadgens 6",
