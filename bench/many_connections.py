@@ -383,7 +383,7 @@ class Window:
     servers: Servers
     started: float = 0.0
     workers: float = 0.0
-    loadgens: float = 0.0
+    loadgens: dict[int, float] = field(default_factory=dict)
     ours: float = 0.0
     busy: float = 0.0
 
@@ -391,19 +391,22 @@ class Window:
         self.started = time.monotonic()
         self.workers, self.loadgens, self.ours, self.busy = self._read()
 
-    def _read(self) -> tuple[float, float, float, float]:
+    def _read(self) -> tuple[float, dict[int, float], float, float]:
         workers = _worker_cpu(self.servers)
-        loadgens = 0.0
+        loadgens: dict[int, float] = {}
         for generator in self.run.generators:
             if generator.popen.poll() is None:
                 try:
-                    loadgens += cpu_seconds(generator.popen.pid)
+                    loadgens[generator.popen.pid] = cpu_seconds(generator.popen.pid)
                 except OSError:
                     continue  # one that just ended
-        ours = workers + loadgens
+        ours = workers + sum(loadgens.values())
         for process in self.servers.processes:
             if process not in self.servers.workers:
-                ours += cpu_seconds(process.pid)
+                try:
+                    ours += cpu_seconds(process.pid)
+                except OSError:
+                    continue  # gone: `check_alive` says so before the next window
         return workers, loadgens, ours, _machine_busy_seconds()
 
     def end(self) -> dict[str, float]:
@@ -412,7 +415,10 @@ class Window:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return {
             "worker_cpu_s": workers - self.workers,
-            "loadgen_cpu_s": loadgens - self.loadgens,
+            # Of the generators running at both ends of the window.
+            "loadgen_cpu_s": sum(
+                cpu - self.loadgens[pid] for pid, cpu in loadgens.items() if pid in self.loadgens
+            ),
             "window_s": elapsed,
             "other_processes_cores": max(0.0, (busy - self.busy) - (ours - self.ours)) / elapsed,
         }

@@ -174,6 +174,7 @@ export class RawWebSocket {
     this.readyState = CLOSING;
     this.socket.write(clientFrame(0x8, closePayload(code)));
     // A server that never answers does not keep the socket open for ever.
+    if (this.timer !== null) clearTimeout(this.timer);
     this.timer = setTimeout(() => this.socket.destroy(), this.closeTimeoutMs);
   }
 

@@ -7,8 +7,8 @@ that live the whole ping interval, long enough for the garbage collector to move
 to its oldest generation. At 15,000 connections per worker that fed a full collection
 (about half a second of stopped event loop) every ten seconds or so. Here a deadline is
 an entry in the set of its tick, and each tick that has entries is one timer: what is
-due is handled in one turn of the loop, at most one tick late, and an entry allocates
-nothing (docs/performance.md, "What changed, and what each part bought", no. 10).
+due is handled in one turn of the loop, at most one tick late, and an entry is no object
+of its own (docs/performance.md, "What changed, and what each part bought", no. 10).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ class Ticked(Protocol):
 class Ticks:
     """A grid of `interval`-second ticks on an event loop, each with the members due at it."""
 
-    __slots__ = ("_due", "_interval", "_loop")
+    # No reference to the loop: a grid is kept per loop, and must not keep its loop alive.
+    __slots__ = ("_due", "_interval")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self._loop = loop
+    def __init__(self, interval: float) -> None:
         self._interval = interval
         self._due: dict[int, set[Ticked]] = {}
 
@@ -42,12 +42,15 @@ class Ticks:
         return self._interval
 
     def add(self, when: float, member: Ticked) -> int:
-        """Tell `member` at the first tick at or after `when` (loop time); that tick."""
+        """Tell `member` at the first tick at or after `when` (loop time); that tick.
+
+        Called from inside the running event loop, whose ticks these are.
+        """
         tick = math.ceil(when / self._interval)
         due = self._due.get(tick)
         if due is None:
             due = self._due[tick] = set()
-            self._loop.call_at(tick * self._interval, self._fire, tick)
+            asyncio.get_running_loop().call_at(tick * self._interval, self._fire, tick)
         due.add(member)
         return tick
 
@@ -65,8 +68,11 @@ class Ticks:
         for member in self._due.pop(tick, ()):
             try:
                 member.tick()
-            except Exception as exc:
-                # As the loop reports a callback that raised: the others still run.
-                self._loop.call_exception_handler(
-                    {"message": "a keepalive tick failed", "exception": exc}
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                # As the loop reports a callback of its own that raised: the others due
+                # at this tick still run.
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "a keepalive tick failed", "exception": exc, "protocol": member}
                 )

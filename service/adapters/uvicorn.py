@@ -11,8 +11,9 @@ protocols for those (tested ranges in pyproject.toml):
   socket of a closing client that never reads; keeps `takes_writes` (whether uvicorn's
   own `send` of a text frame would just write it) up to date; offers whole text
   messages, once websockets' own parser made them, to a `TextReader` from inside the read;
-  and waits on a lean queue and event instead of asyncio's (waitables.py), which hold
-  3.8 KB per idle connection.
+  waits on a lean queue and event instead of asyncio's (waitables.py), which hold
+  3.8 KB per idle connection; and keeps uvicorn's keepalive pings on one grid of ticks
+  per worker (ticks.py) instead of timers of each connection's own.
 * `transport_for` hands each connection a `service.transport.Transport`: `DirectTransport`
   writes frames to the socket itself (docs/performance.md, "What changed, and what each
   part bought", nos. 1, 6 and 8), `BoundedTransport` only drops sockets, and the plain
@@ -109,7 +110,7 @@ def keepalive_grid(loop: asyncio.AbstractEventLoop, ping_interval: float) -> Tic
     grids = _grids.setdefault(loop, {})
     grid = grids.get(tick)
     if grid is None:
-        grid = grids[tick] = Ticks(loop, tick)
+        grid = grids[tick] = Ticks(tick)
     return grid
 
 
@@ -729,7 +730,8 @@ def transport_for(send: Send, *, fast: bool) -> Transport:
     if protocol.handshake_complete:
         # websockets' parser holds on to the request too (a local of its generator):
         # emptied, its headers go with uvicorn's references.
-        protocol.request.headers.clear()
+        if protocol.request is not None:
+            protocol.request.headers.clear()
         protocol.request = None  # type: ignore[assignment]
         protocol.response = None  # type: ignore[assignment]
         conn = protocol.conn

@@ -302,6 +302,18 @@ async def drive_connections() -> None:
         _expect(written.written.endswith(text_frame("a") + text_frame("b")), "not in order")
         ws.data_received(_CLOSE)
         _expect(not ws.takes_writes, "a closing connection took writes")
+
+        # A connection that ends leaves the keepalive grid (uvicorn's `connection_lost`
+        # calls `stop_keepalive`): nothing of it stays referenced until its tick.
+        ended = upgrade(b"/open")
+        for _ in range(100):
+            if ended.handshake_complete:
+                break
+            await asyncio.sleep(0)
+        _expect(ended._keepalive is KeepaliveDue.PING, "no ping due once accepted")
+        transports.remove(cast(ProbeTransport, ended.transport))
+        ended.connection_lost(None)
+        _expect(ended._keepalive is None, "a connection that ended stayed on the keepalive grid")
     finally:
         # Every connection ends, so that every app returns by itself: one cancelled
         # instead would be logged as a failing app.

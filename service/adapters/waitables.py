@@ -5,7 +5,7 @@ and an `asyncio.Event` for whether the socket takes writes. They hold
 `collections.deque`s from the start (four for the queue, its `join` event included, one
 for the event), about 760 bytes each on CPython 3.11: 3.8 KB of an idle connection's
 20 KB (docs/performance.md, "What changed, and what each part bought", no. 9). The
-adapter's protocol swaps in these, which keep a short list only while something is
+adapter's protocol swaps in these, which keep a deque or a list only while something is
 queued or waited for, and offer the calls uvicorn and the adapter make: `put_nowait`,
 `get`, `get_nowait` and `empty`; `set`, `clear`, `is_set` and `wait`.
 """
@@ -13,6 +13,7 @@ queued or waited for, and offer the calls uvicorn and the adapter make: `put_now
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
@@ -24,17 +25,19 @@ class LeanQueue(Generic[T]):
     __slots__ = ("_items", "_waiters")
 
     def __init__(self) -> None:
-        self._items: list[T] | None = None
+        # A deque only while something is queued: uvicorn queues every message of a read
+        # before it pauses reading, which can be tens of thousands of small ones.
+        self._items: deque[T] | None = None
         self._waiters: list[asyncio.Future[None]] | None = None
 
     def empty(self) -> bool:
         """True if nothing is queued."""
-        return not self._items
+        return self._items is None
 
     def put_nowait(self, item: T) -> None:
         """Queue `item` and wake whoever waits in `get`."""
         if self._items is None:
-            self._items = [item]
+            self._items = deque((item,))
         else:
             self._items.append(item)
         # Every waiter is woken and looks again: one that is cancelled before it runs
@@ -46,14 +49,13 @@ class LeanQueue(Generic[T]):
 
     def get_nowait(self) -> T:
         """The oldest item; `asyncio.QueueEmpty` if there is none."""
-        if not self._items:
+        if self._items is None:
             raise asyncio.QueueEmpty
-        # Short: uvicorn stops reading the socket while anything is queued.
-        return self._items.pop(0)
+        return self._take(self._items)
 
     async def get(self) -> T:
         """The oldest item, once there is one."""
-        while not self._items:
+        while self._items is None:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             if self._waiters is None:
                 self._waiters = []
@@ -62,7 +64,13 @@ class LeanQueue(Generic[T]):
                 await waiter
             finally:
                 self._waiters.remove(waiter)
-        return self._items.pop(0)
+        return self._take(self._items)
+
+    def _take(self, items: deque[T]) -> T:
+        item = items.popleft()
+        if not items:
+            self._items = None
+        return item
 
 
 class LeanEvent:

@@ -8,6 +8,9 @@ one event-loop timer per tick, instead of two timers per connection.
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
+import weakref
 from typing import Any
 
 import pytest
@@ -32,18 +35,19 @@ class Member:
 
 async def test_members_due_in_one_tick_are_told_together_and_never_early() -> None:
     loop = asyncio.get_running_loop()
-    ticks = Ticks(loop, 0.05)
+    ticks = Ticks(0.05)
     told: list[str] = []
-    start = loop.time()
-    first = ticks.add(start + 0.01, Member("a", told))
-    assert ticks.add(start + 0.02, Member("b", told)) == first  # the same tick
-    ticks.add(start + 0.2, Member("c", told))
+    # Two deadlines inside one tick (the grid's ticks are multiples of 0.05 s).
+    base = math.ceil(loop.time() / 0.05) * 0.05 + 0.05
+    first = ticks.add(base + 0.01, Member("a", told))
+    assert ticks.add(base + 0.02, Member("b", told)) == first
+    ticks.add(base + 0.2, Member("c", told))
     await async_wait_for(lambda: len(told) >= 2, 2, "the first tick")
     assert sorted(told) == ["a", "b"]
-    assert loop.time() >= start + 0.02
+    assert loop.time() >= base + 0.02
     await async_wait_for(lambda: len(told) >= 3, 2, "the later tick")
     assert told[2] == "c"
-    assert loop.time() >= start + 0.2
+    assert loop.time() >= base + 0.2
     assert ticks.pending() == 0
 
 
@@ -51,7 +55,7 @@ async def test_a_discarded_member_is_not_told_and_a_failing_one_stops_no_other()
     loop = asyncio.get_running_loop()
     reported: list[object] = []
     loop.set_exception_handler(lambda _, context: reported.append(context["exception"]))
-    ticks = Ticks(loop, 0.02)
+    ticks = Ticks(0.02)
     told: list[str] = []
     gone = Member("gone", told)
 
@@ -94,14 +98,77 @@ async def test_pings_pongs_and_a_missing_pong_close_1011() -> None:
     protocol.data_received(pong_for(transport.written))
     assert protocol._keepalive is KeepaliveDue.PING
     assert protocol.pending_ping_payload is None
-    # The next ping, left unanswered: closed with 1011 within the timeout and a tick.
+    # The next ping, left unanswered: closed with 1011 once the timeout has passed.
     await ticked(protocol, KeepaliveDue.PONG)
-    pinged = asyncio.get_running_loop().time()
+    pinged = protocol.ping_sent_at
     await ticked(protocol, None)
     assert transport.closing
     assert close_code(transport.written) == 1011
-    late = asyncio.get_running_loop().time() - pinged
-    assert 0.2 <= late < 0.2 + keepalive_tick(0.2) + 0.1
+    assert asyncio.get_running_loop().time() - pinged >= 0.2
+
+
+async def test_a_stale_pong_leaves_the_deadline_and_the_round_trip_shortens_the_wait() -> None:
+    protocol, transport = await open_protocol(ws_ping_interval=30, ws_ping_timeout=30)
+    protocol.tick()  # a ping
+    stale = pong_for(transport.written)
+    tick = protocol._keepalive_tick
+    protocol.tick()  # timed out: closed, so use a fresh connection for the rest
+    protocol, transport = await open_protocol(ws_ping_interval=30, ws_ping_timeout=30)
+    protocol.tick()
+    tick = protocol._keepalive_tick
+    protocol.data_received(stale)  # another ping's payload
+    assert protocol._keepalive is KeepaliveDue.PONG
+    assert protocol._keepalive_tick == tick
+    protocol.last_ping_rtt = 10.0
+    protocol.data_received(pong_for(transport.written))
+    assert protocol._keepalive is KeepaliveDue.PING
+    # Due one interval less the last round trip on (uvicorn's rule), within a tick.
+    due = protocol._keepalive_tick * keepalive_tick(30)
+    now = asyncio.get_running_loop().time()
+    assert now + 30 - protocol.last_ping_rtt - 0.01 <= due <= now + 30 + keepalive_tick(30)
+
+
+async def test_without_a_ping_timeout_pings_go_on_and_a_pong_adds_none() -> None:
+    protocol, transport = await open_protocol(ws_ping_interval=30, ws_ping_timeout=None)
+    protocol.tick()
+    assert transport.written.count(b"\x89\x04") == 1
+    assert protocol._keepalive is KeepaliveDue.PING  # the next, not a deadline
+    grid = keepalive_grid(asyncio.get_running_loop(), 30)
+    waiting = grid.pending()
+    protocol.data_received(pong_for(transport.written))
+    assert protocol._keepalive is KeepaliveDue.PING
+    assert grid.pending() == waiting
+
+
+async def test_a_closing_connection_is_not_pinged_and_leaves_the_grid() -> None:
+    protocol, transport = await open_protocol(ws_ping_interval=0.2, ws_ping_timeout=0.2)
+    grid = keepalive_grid(asyncio.get_running_loop(), 0.2)
+    assert grid.pending() == 1
+    transport.closing = True
+    written = len(transport.written)
+    await ticked(protocol, None)  # its tick came
+    assert len(transport.written) == written  # and sent no ping
+    assert grid.pending() == 0
+    other, _ = await open_protocol(ws_ping_interval=0.2, ws_ping_timeout=0.2)
+    assert grid.pending() == 1
+    other.shutdown()  # a server shutting down (close 1012)
+    assert other._keepalive is None
+    assert grid.pending() == 0
+
+
+def test_a_grid_does_not_keep_its_event_loop_alive() -> None:
+    async def one_connection() -> weakref.ref[asyncio.AbstractEventLoop]:
+        protocol, _ = await open_protocol(ws_ping_interval=30, ws_ping_timeout=30)
+        loop = asyncio.get_running_loop()
+        other = asyncio.new_event_loop()
+        assert keepalive_grid(loop, 30) is not keepalive_grid(other, 30)  # one per loop
+        other.close()
+        protocol.connection_lost(None)
+        return weakref.ref(loop)
+
+    loop = asyncio.run(one_connection())
+    gc.collect()
+    assert loop() is None
 
 
 async def test_a_connection_that_ends_leaves_nothing_on_the_grid() -> None:

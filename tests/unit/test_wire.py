@@ -344,6 +344,9 @@ async def test_the_handshake_is_let_go_once_accepted() -> None:
     assert protocol.response is None
     # websockets' parser holds the request for ever too: its headers are emptied.
     assert len(request.headers) == 0
+    # The app's copy in the ASGI scope, which the service reads, is another list.
+    assert (b"Host", b"test") in protocol.scope["headers"]
+    transport_for(cast(Send, protocol.send), fast=True)  # a second call is harmless
 
 
 async def test_the_connection_waits_on_lean_queue_and_event() -> None:
