@@ -148,7 +148,7 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         #: Set while the app has yet to answer the upgrade (`handshake_deadline`).
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._drop_timer: asyncio.TimerHandle | None = None
-        # The keepalive's place on the worker's grid, instead of uvicorn's two timers.
+        # The keepalive's place on the worker's grid, instead of uvicorn's timers.
         self._grid: Ticks | None = None
         self._keepalive: KeepaliveDue | None = None
         self._keepalive_tick = 0
@@ -212,7 +212,7 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
             self._recheck()
 
     # The keepalive: uvicorn's pings and pong deadlines, on a grid shared by the worker's
-    # connections (ticks.py) instead of two timers of each connection's own.
+    # connections (ticks.py) instead of timers of each connection's own.
 
     def schedule_ping(self) -> None:
         """As uvicorn's: the next ping is due one interval (less the last round trip) on."""

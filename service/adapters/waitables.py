@@ -19,16 +19,43 @@ from typing import Generic, Literal, TypeVar
 T = TypeVar("T")
 
 
-class LeanQueue(Generic[T]):
-    """An unbounded first-in first-out queue: asyncio.Queue's calls that uvicorn makes."""
+class _Sleepers:
+    """Who waits on a queue or an event: a list made only when someone does."""
 
-    __slots__ = ("_items", "_waiters")
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    async def _sleep(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+    def _wake_all(self) -> None:
+        # Every waiter is woken and looks again: one that is cancelled before it runs
+        # then cannot strand what it was woken for while another waits.
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+class LeanQueue(_Sleepers, Generic[T]):
+    """An unbounded first-in first-out queue: asyncio.Queue's calls that uvicorn makes."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        super().__init__()
         # A deque only while something is queued: uvicorn queues every message of a read
         # before it pauses reading, which can be tens of thousands of small ones.
         self._items: deque[T] | None = None
-        self._waiters: list[asyncio.Future[None]] | None = None
 
     def empty(self) -> bool:
         """True if nothing is queued."""
@@ -40,12 +67,7 @@ class LeanQueue(Generic[T]):
             self._items = deque((item,))
         else:
             self._items.append(item)
-        # Every waiter is woken and looks again: one that is cancelled before it runs
-        # then cannot strand the item while another waits.
-        if self._waiters:
-            for waiter in self._waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        self._wake_all()
 
     def get_nowait(self) -> T:
         """The oldest item; `asyncio.QueueEmpty` if there is none."""
@@ -56,14 +78,7 @@ class LeanQueue(Generic[T]):
     async def get(self) -> T:
         """The oldest item, once there is one."""
         while self._items is None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiters.remove(waiter)
+            await self._sleep()
         return self._take(self._items)
 
     def _take(self, items: deque[T]) -> T:
@@ -73,14 +88,14 @@ class LeanQueue(Generic[T]):
         return item
 
 
-class LeanEvent:
+class LeanEvent(_Sleepers):
     """A flag that can be waited for: asyncio.Event's calls that uvicorn makes."""
 
-    __slots__ = ("_is_set", "_waiters")
+    __slots__ = ("_is_set",)
 
     def __init__(self, *, is_set: bool = False) -> None:
+        super().__init__()
         self._is_set = is_set
-        self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
         """True while the flag is up."""
@@ -91,10 +106,7 @@ class LeanEvent:
         if self._is_set:
             return
         self._is_set = True
-        if self._waiters:
-            for waiter in self._waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        self._wake_all()
 
     def clear(self) -> None:
         """Lower the flag."""
@@ -102,14 +114,6 @@ class LeanEvent:
 
     async def wait(self) -> Literal[True]:
         """Return once the flag is up (at once if it is)."""
-        if self._is_set:
-            return True
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._waiters.remove(waiter)
+        if not self._is_set:
+            await self._sleep()
         return True

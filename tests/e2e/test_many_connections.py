@@ -50,21 +50,27 @@ def leftovers(out: Path, channel: str) -> list[str]:
     return found
 
 
+def run_small(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """The tool at the CI size with `args`, its results in `out`; it must succeed."""
+    result = subprocess.run(
+        tool(*SMALL, *args, "--out", str(out)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 def test_every_connection_gets_every_message_and_results_hold_what_the_doc_quotes(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "many"
-    result = subprocess.run(
-        tool(
-            *SMALL, "--broadcasts", "3", "--interval", "1", "--idle-seconds", "1", "--out", str(out)
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=150,
-        check=False,
+    result = run_small(
+        out, "--broadcasts", "3", "--interval", "1", "--idle-seconds", "1", timeout=150
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "connecting: " in result.stdout or "connected: 2,000/2,000" in result.stdout
     assert "broadcast  received" in result.stdout  # the final table
     document = json.loads((out / "results.json").read_text())
@@ -99,19 +105,12 @@ def test_every_connection_answers_the_workers_pings(tmp_path: Path) -> None:
     # Pings every 0.5 s, each answered within 2 s or the connection is dropped: over the
     # idle window and the broadcast, a client that did not answer would be gone.
     out = tmp_path / "many"
-    result = subprocess.run(
-        tool(
-            *SMALL,
-            *("--set", "WS_PING_INTERVAL=0.5", "--set", "WS_PING_TIMEOUT=2"),
-            *("--broadcasts", "1", "--idle-seconds", "3", "--out", str(out)),
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    run_small(
+        out,
+        *("--set", "WS_PING_INTERVAL=0.5", "--set", "WS_PING_TIMEOUT=2"),
+        *("--broadcasts", "1", "--idle-seconds", "3"),
         timeout=90,
-        check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads((out / "results.json").read_text())
     assert document["idle_seconds"] >= 3
     assert document["connected"] == 2000
