@@ -534,7 +534,7 @@ class Listener {
     if (this.ws) this.ws.terminate(); // a retry: the failed attempt's socket goes
     const connecting = new Promise((resolve, reject) => {
       // Its own source address: one address has ~28k ephemeral ports in all. No
-      // per-message deflate offered (the raw client has none): config.deflate is ignored.
+      // per-message deflate offered: the raw client has none.
       const ws = new RawWebSocket(this.url, {
         localAddress: this.localAddress,
         handshakeTimeoutMs: config.handshakeTimeoutMs ?? 30_000,
