@@ -364,6 +364,14 @@ def _worker_cpu(servers: Servers) -> float:
     return sum(servers.worker_cpu_seconds())
 
 
+def _cpu_if_running(pid: int) -> float | None:
+    """The process's CPU seconds so far; None if it has ended (`check_alive` says why)."""
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return None
+
+
 def _machine_busy_seconds() -> float:
     # CPU seconds every core has spent not idle since boot (/proc/stat's first line).
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -395,18 +403,11 @@ class Window:
         workers = _worker_cpu(self.servers)
         loadgens: dict[int, float] = {}
         for generator in self.run.generators:
-            if generator.popen.poll() is None:
-                try:
-                    loadgens[generator.popen.pid] = cpu_seconds(generator.popen.pid)
-                except OSError:
-                    continue  # one that just ended
-        ours = workers + sum(loadgens.values())
-        for process in self.servers.processes:
-            if process not in self.servers.workers:
-                try:
-                    ours += cpu_seconds(process.pid)
-                except OSError:
-                    continue  # gone: `check_alive` says so before the next window
+            cpu = _cpu_if_running(generator.popen.pid) if generator.popen.poll() is None else None
+            if cpu is not None:
+                loadgens[generator.popen.pid] = cpu
+        redis = (_cpu_if_running(p.pid) for p in self.servers.redis_processes)
+        ours = workers + sum(loadgens.values()) + sum(cpu for cpu in redis if cpu is not None)
         return workers, loadgens, ours, _machine_busy_seconds()
 
     def end(self) -> dict[str, float]:
