@@ -102,6 +102,16 @@ def free_cluster_ports(count: int) -> list[int]:
     raise RuntimeError(f"found only {len(ports)} of {count} free port pairs under {MAX_PORT}")
 
 
+@dataclass(frozen=True)
+class ClusterTls:
+    """The files for a cluster whose nodes speak only TLS, to clients and to each other."""
+
+    cert_file: Path
+    key_file: Path
+    #: The authority clients check the nodes' certificate against (and nodes each other's).
+    ca_file: Path
+
+
 @dataclass
 class _Node:
     """One line of CLUSTER NODES: a node as one member of the cluster sees it."""
@@ -157,8 +167,12 @@ class LocalCluster:
         node_timeout_ms: int = 1000,
         full_coverage: bool = True,
         password: str | None = None,
+        tls: ClusterTls | None = None,
     ) -> None:
-        """`password`: every node requires it (`requirepass`, and `masterauth` for replicas)."""
+        """`password`: every node requires it (`requirepass`, and `masterauth` for replicas).
+
+        `tls`: every node listens on TLS only, and the cluster bus and replication use it.
+        """
         if primaries < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 primaries")
         if replicas < 0:
@@ -175,6 +189,7 @@ class LocalCluster:
         self.node_timeout_ms = node_timeout_ms
         self.full_coverage = full_coverage
         self.password = password
+        self.tls = tls
         self._ports = free_cluster_ports(primaries * (1 + replicas))
         self._processes: dict[int, Process] = {}
         self._clients: dict[int, redis.Redis] = {}
@@ -204,7 +219,8 @@ class LocalCluster:
             raise RuntimeError("the cluster is not started")
         hosts = ",".join(f"127.0.0.1:{port}" for port in self._initial_primaries)
         auth = "" if self.password is None else f":{self.password}@"
-        return f"redis-cluster://{auth}{hosts}"
+        scheme = "redis-cluster" if self.tls is None else "rediss-cluster"
+        return f"{scheme}://{auth}{hosts}"
 
     @property
     def ports(self) -> list[int]:
@@ -276,6 +292,8 @@ class LocalCluster:
                 # One try: a frozen or dead node must fail fast, and the waits poll anyway
                 # (redis-py's default would retry three times, 2 s each).
                 retry=Retry(NoBackoff(), 0),
+                ssl=self.tls is not None,
+                ssl_ca_certs=None if self.tls is None else str(self.tls.ca_file),
             )
         return self._clients[port]
 
@@ -417,7 +435,7 @@ class LocalCluster:
         config.write_text(
             "\n".join(
                 [
-                    f"port {port}",
+                    *([f"port {port}"] if self.tls is None else self._tls_config(port)),
                     "bind 127.0.0.1",
                     "cluster-enabled yes",
                     "cluster-config-file nodes.conf",
@@ -446,6 +464,19 @@ class LocalCluster:
             )
         self._processes[port] = Process(f"redis node {port}", popen, log)
 
+    def _tls_config(self, port: int) -> list[str]:
+        assert self.tls is not None
+        return [
+            "port 0",  # no plain port at all: nothing may reach a node without TLS
+            f"tls-port {port}",
+            f"tls-cert-file {self.tls.cert_file}",
+            f"tls-key-file {self.tls.key_file}",
+            f"tls-ca-cert-file {self.tls.ca_file}",
+            "tls-auth-clients no",
+            "tls-cluster yes",
+            "tls-replication yes",
+        ]
+
     def _wait_answers(self, port: int, timeout: float) -> None:
         process = self._processes[port]
 
@@ -458,6 +489,8 @@ class LocalCluster:
     def _create(self, timeout: float) -> None:
         nodes = [f"127.0.0.1:{port}" for port in self._ports]
         command = [self.cli, "--cluster", "create", *nodes]
+        if self.tls is not None:
+            command += ["--tls", "--cacert", str(self.tls.ca_file)]
         if self.password is not None:
             command += ["-a", self.password, "--no-auth-warning"]
         command += ["--cluster-replicas", str(self.replica_count), "--cluster-yes"]

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.redis_cluster import LocalCluster
-from tests.conftest import WorkersFactory
+from bench.redis_cluster import ClusterTls, LocalCluster
+from tests.conftest import WorkerFactory, WorkersFactory
 from tests.failover import (
     Reader,
     check_every_reader,
@@ -26,7 +26,16 @@ from tests.failover import (
     epoch,
     publish_until_acked,
 )
-from tests.helpers import UNIT, Client, Worker, async_wait_for, subscribed_client, unique
+from tests.helpers import (
+    UNIT,
+    Client,
+    Worker,
+    async_wait_for,
+    self_signed_certificate,
+    start_all,
+    subscribed_client,
+    unique,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -282,4 +291,49 @@ async def test_a_cluster_that_requires_a_password(
                 assert "s3cret-pw" not in worker.log()
         finally:
             for client in subscribers:
+                await client.close()
+
+
+async def test_a_cluster_over_tls(tmp_path: Path, make_worker: WorkerFactory, prefix: str) -> None:
+    # rediss-cluster://: the nodes listen on TLS only (no plain port), so every
+    # connection a worker makes (the cluster client's, and its own pub/sub and publish
+    # connections to each primary) must be TLS, and must trust the nodes' certificate:
+    # a private authority is given to the workers as OpenSSL's SSL_CERT_FILE.
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ClusterTls(cert_file=cert, key_file=key, ca_file=cert)
+    with LocalCluster(tmp_path / "cluster", tls=tls) as cluster:
+        assert cluster.url.startswith("rediss-cluster://127.0.0.1:")
+        workers = [
+            make_worker(
+                *("--broadcast-url", cluster.url, "--redis-prefix", prefix),
+                *("--broker-timeout", "2", "--canary-interval", "1"),
+                env={"SSL_CERT_FILE": str(cert)},
+                start=False,
+            )
+            for _ in range(3)
+        ]
+        start_all(workers)
+        # Channels on every primary, each with a subscriber on every worker.
+        channels: dict[int, str] = {}
+        while len(channels) < len(cluster.primaries()):
+            channel = unique("tls")
+            channels.setdefault(cluster.owner(slot_of(cluster, prefix, channel)), channel)
+        subscribers = [
+            (channel, await subscribed_client(worker, channel))
+            for channel in channels.values()
+            for worker in workers
+        ]
+        try:
+            for port, channel in channels.items():
+                assert shard_subscribers(cluster, port, f"{prefix}{{{channel}}}") == 3
+            for n, channel in enumerate(channels.values()):
+                await workers[n % 3].publish_async(channel, f"over tls {n}")
+            for channel, client in subscribers:
+                message = await client.recv_type("message")
+                assert message["channel"] == channel
+                assert message["data"] == f"over tls {list(channels.values()).index(channel)}"
+            for worker in workers:
+                assert await ready(worker)
+        finally:
+            for _, client in subscribers:
                 await client.close()

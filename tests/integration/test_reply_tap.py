@@ -11,8 +11,6 @@ the start-up check falls back by itself when redis-py is not as the tap expects,
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
 import subprocess
 import types
@@ -25,17 +23,13 @@ import hiredis
 import pytest
 import redis._parsers.base
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.exceptions import BusyLoadingError, MaxClientsReachedError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.broker import replies as replies_module
 from service.broker.replies import Replies, ReplyTap, ReplyTask, reply_reader
-from tests.helpers import RedisServer, async_wait_for, free_port, unique
+from tests.helpers import RedisServer, async_wait_for, free_port, self_signed_certificate, unique
 
 
 @pytest.fixture(autouse=True)
@@ -345,42 +339,11 @@ async def _scripted_redis() -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made here (no openssl binary needed)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_the_reader_reads_a_tls_connection(tmp_path: Path, loop: str, fast: bool) -> None:
     # rediss:// URLs: the transport is an SSL one (uvloop's in the service), whose
     # protocol the tap takes over like a plain socket's.
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     port = free_port()
     server = subprocess.Popen(
         [
