@@ -3,16 +3,16 @@
     python -m bench.many_connections --connections 100000 --workers 7 --loadgens 6
 
 Starts its own redis-server and `--workers` service workers (bench/servers.py), and
-`--loadgens` Node load generators (bench/loadgen/loadgen.mjs, kind `many`) that open
-the connections from several loopback source addresses (127.0.0.2, 127.0.0.3, ...) and
-subscribe every one of them to one channel. Then it measures:
+`--loadgens` load generators (bench/loadgen/listeners.c, built by bench/listeners.py)
+that open the connections from several loopback source addresses (127.0.0.2,
+127.0.0.3, ...) and subscribe every one of them to one channel. Then it measures:
 
 - the workers' memory per connection: their resident memory with every connection
   subscribed and idle, minus the same workers' right after they started, over the
   connections;
 - what the idle connections cost the workers' CPU (their keepalive pings);
 - one-to-all delivery: a message published over the HTTP API carries its send time
-  (CLOCK_MONOTONIC, which Node's `process.hrtime` reads too), and every connection's
+  (CLOCK_MONOTONIC, which the generators read too), and every connection's
   receipt is timed against it: p50, p99, max, and how many received it; repeated
   `--broadcasts` times, `--interval` seconds apart.
 
@@ -44,12 +44,12 @@ from typing import Any
 
 import httpx
 
-from bench import loadgen
+from bench import listeners
 from bench.servers import Servers, cpu_seconds, rss_bytes
 
 # Open files a worker or a load generator needs besides its connections: a worker's
 # Redis connections (REDIS_MAX_CONNECTIONS, 50, plus two), its listening socket, logs,
-# epoll and pipes; Node's own handles. Generous, so that the last connection never
+# epoll and pipes; a generator's stdio and epoll. Generous, so that the last connection never
 # meets EMFILE.
 FD_RESERVE = 300
 # Connections per source address. One address has 28,232 ephemeral ports on this
@@ -140,7 +140,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=7, help="service workers (default 7)")
     parser.add_argument(
-        "--loadgens", type=int, default=6, help="Node load generator processes (default 6)"
+        "--loadgens", type=int, default=6, help="load generator processes (default 6)"
     )
     parser.add_argument(
         "--per-address",
@@ -225,7 +225,7 @@ def _raise_fd_limit() -> None:
 
 @dataclass
 class Generator:
-    """One Node load generator process, its stdout read by a thread into `events`."""
+    """One load generator process, its stdout read by a thread into `events`."""
 
     index: int
     popen: subprocess.Popen[bytes]
@@ -297,10 +297,9 @@ class Run:
 
     def start_generators(self, urls: list[str]) -> None:
         """Start every load generator; they start connecting at once."""
-        node = loadgen.ensure_installed()
+        binary = listeners.ensure_built()
         for n, (offset, count, addresses) in enumerate(self.plan.loadgens):
             config = {
-                "kind": "many",
                 "urls": urls,
                 "connections": count,
                 "offset": offset,
@@ -314,7 +313,7 @@ class Run:
             }
             with open(self.out / f"loadgen-{n}.log", "ab") as log:
                 popen = subprocess.Popen(
-                    [node, *loadgen.NODE_FLAGS, str(loadgen.SCRIPT), json.dumps(config)],
+                    [str(binary), json.dumps(config)],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=log,

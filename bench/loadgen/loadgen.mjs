@@ -2,13 +2,11 @@
 //
 // Node with the `ws` library, so that receiving a delivery costs the generator a few
 // microseconds and the generator is not what limits the service (bench/README.md says how
-// that is checked). The `many` kind's listeners use raw_websocket.mjs instead: with up to
-// 100,000 connections on the server's two cores, ws's stream machinery cost the generator
-// ~15 µs a message, more than the server's ~10 µs a delivery; the raw client (which offers
-// no permessage-deflate) costs much less.
+// that is checked). The many-connections tool (bench/many_connections.py) has its own
+// generator in C (listeners.c): at 100,000 connections on the server's two cores, a
+// Node process cost about twice the CPU per message received.
 //
-// One process; driven by bench/loadgen.py (`python -m bench`), and the `many` kind by
-// bench/many_connections.py:
+// One process; driven by bench/loadgen.py (`python -m bench`):
 //
 //   node loadgen.mjs '<config JSON>'
 //
@@ -22,7 +20,6 @@ import { performance } from "node:perf_hooks";
 import readline from "node:readline";
 import WebSocket from "ws";
 
-import { CLOSED, OPEN, RawWebSocket } from "./raw_websocket.mjs";
 
 const config = JSON.parse(process.argv[2]);
 const now = () => performance.now(); // ms, monotonic, the same clock for send and receive
@@ -513,172 +510,12 @@ async function storm() {
   return result;
 }
 
-// --- many: one process's share of a very large audience (bench/many_connections.py) ------
-
-// CLOCK_MONOTONIC in ms: the clock Python's time.monotonic() reads too, so a send time
-// stamped by the runner and a receipt here are on one clock across processes.
-const monotonicMs = () => Number(process.hrtime.bigint()) / 1e6;
-
-// One subscriber of the one channel, as small as it can be: an audience of 100,000 is
-// spread over a few processes, each under the machine's open-file limit.
-class Listener {
-  constructor(index, url, localAddress, audience) {
-    this.index = index;
-    this.url = url;
-    this.localAddress = localAddress;
-    this.audience = audience;
-    this.subscribed = false;
-  }
-
-  connect() {
-    if (this.ws) this.ws.terminate(); // a retry: the failed attempt's socket goes
-    const connecting = new Promise((resolve, reject) => {
-      // Its own source address: one address has ~28k ephemeral ports in all. No
-      // per-message deflate offered: the raw client has none.
-      const ws = new RawWebSocket(this.url, {
-        localAddress: this.localAddress,
-        handshakeTimeoutMs: config.handshakeTimeoutMs ?? 30_000,
-      });
-      this.ws = ws;
-      // Events of an attempt this listener gave up on are not its business any more.
-      ws.onerror = (error) => {
-        if (ws === this.ws && !this.subscribed) reject(error);
-      };
-      ws.onclose = (code) => {
-        if (ws !== this.ws) return;
-        if (this.subscribed) {
-          if (!this.audience.closing) count(stats.closes, code);
-          this.audience.connected -= 1;
-          this.subscribed = false;
-        } else reject(new Error(`closed ${code} before subscribing`));
-      };
-      ws.onmessage = (text) => {
-        if (ws !== this.ws) return;
-        const frame = JSON.parse(text);
-        if (frame.type === "message") this.audience.receive(this.index, frame.data);
-        else if (frame.type === "welcome") ws.send(JSON.stringify({ type: "subscribe", channel: config.channel }));
-        else if (frame.type === "subscribed") {
-          this.subscribed = true;
-          this.audience.connected += 1;
-          resolve(this);
-        } else if (frame.type === "error") {
-          count(stats.errors, frame.code);
-          if (!this.subscribed) reject(new Error(`error ${frame.code}: ${frame.message}`));
-        }
-      };
-    });
-    return connecting.catch((error) => {
-      this.audience.failed += 1;
-      throw error;
-    });
-  }
-}
-
-// Every listener's receipt of each broadcast, by the broadcast's number `k`.
-class Audience {
-  constructor() {
-    this.connected = 0;
-    this.failed = 0;
-    this.closing = false;
-    this.latencies = new Map(); // k -> Float64Array, NaN where not (yet) received
-    this.received = new Map(); // k -> listeners that have it
-    this.duplicates = 0;
-  }
-  receive(index, data) {
-    const at = monotonicMs();
-    let row = this.latencies.get(data.k);
-    if (row === undefined) {
-      row = new Float64Array(config.connections).fill(NaN);
-      this.latencies.set(data.k, row);
-      this.received.set(data.k, 0);
-    }
-    if (!Number.isNaN(row[index])) {
-      this.duplicates += 1;
-      return;
-    }
-    row[index] = at - data.t;
-    this.received.set(data.k, this.received.get(data.k) + 1);
-  }
-}
-
-async function many() {
-  const audience = new Audience();
-  const addresses = config.localAddresses;
-  const listeners = Array.from(
-    { length: config.connections },
-    (_, i) => new Listener(i, urlFor(config.offset + i), addresses[i % addresses.length], audience),
-  );
-  // Bounded: a process that outlives its runner must still end.
-  setTimeout(() => {
-    log(`deadline of ${config.deadlineMs} ms passed: exiting`);
-    process.exit(2);
-  }, config.deadlineMs).unref();
-  const progress = setInterval(() => emit("progress", { connected: audience.connected, failed: audience.failed }), config.progressMs ?? 1000);
-  const started = now();
-  let failures = await connectAll(listeners, config.parallel ?? 64);
-  const firstRound = failures;
-  // As real clients do: those that failed try again, after everyone else had a turn.
-  for (let round = 1; round <= (config.retries ?? 0) && failures.length; round++) {
-    const again = listeners.filter((l) => !l.subscribed);
-    log(`retry ${round}: ${again.length} connections (${failures[0]})`);
-    failures = await connectAll(again, config.parallel ?? 64);
-  }
-  const connectMs = now() - started;
-  clearInterval(progress);
-  emit("ready", {
-    connected: audience.connected,
-    failures: failures.length,
-    first_failure: failures[0] ?? null,
-    failed_attempts: audience.failed,
-    first_round_failures: firstRound.length,
-    first_round_failure: firstRound[0] ?? null,
-    connect_ms: connectMs,
-    loadgen: memory(),
-  });
-  // Commands from the runner, one JSON line each, until `close`.
-  for (;;) {
-    const { value, done } = await lines.next();
-    if (done) process.exit(0); // the runner went away
-    const command = JSON.parse(value);
-    if (command.cmd === "collect") {
-      const k = command.k;
-      // Everyone still connected has it, or the runner's time for it is up.
-      try {
-        await until(() => (audience.received.get(k) ?? 0) >= audience.connected, command.timeoutMs, `broadcast ${k}`);
-      } catch (error) {
-        log(String(error.message));
-      }
-      const row = audience.latencies.get(k) ?? new Float64Array(0);
-      const got = Array.from(row.filter((v) => !Number.isNaN(v)), (v) => Math.round(v * 1000) / 1000);
-      emit("collected", { k, received: got.length, connected: audience.connected, latencies_ms: got });
-    } else if (command.cmd === "close") {
-      break;
-    }
-  }
-  audience.closing = true;
-  const open = listeners.filter((l) => l.subscribed && l.ws.readyState === OPEN);
-  for (const l of open) l.ws.close();
-  try {
-    await until(() => open.every((l) => l.ws.readyState === CLOSED), 5_000, "the closes");
-  } catch (error) {
-    for (const l of open) l.ws.terminate();
-  }
-  return {
-    connections: config.connections,
-    duplicates: audience.duplicates,
-    closes: stats.closes,
-    errors: stats.errors,
-    loadgen: memory(),
-  };
-}
-
 const scenarios = {
   fanout: () => traffic({ max: false }),
   max: () => traffic({ max: true }),
   idle,
   burst,
   storm,
-  many,
 };
 
 try {
