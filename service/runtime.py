@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from service.adapters.uvicorn import adapter_ready
+from service.adapters.uvicorn import adapter_ready, hold_keepalive_while
 from service.auth import ApiKeys, Authenticator, IdentitySource
 from service.broker import Broker
 from service.hooks import Hooks
@@ -58,6 +59,9 @@ async def running(
             on_fanout=metrics.delivered,
         )
         metrics.watch(hub, broker)
+        # A one-to-all reaches every member before the keepalive's pings take their turns.
+        loop = asyncio.get_running_loop()
+        hold_keepalive_while(loop, hub.fanouts.busy)
         runtime = Runtime(
             settings=settings,
             broker=broker,
@@ -87,4 +91,5 @@ async def running(
         try:
             yield runtime
         finally:
+            hold_keepalive_while(loop, None)
             await hub.close()

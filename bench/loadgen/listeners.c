@@ -21,6 +21,7 @@
 #include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -49,7 +50,7 @@ struct conn {
   size_t in_len;
   uint8_t *message; /* a fragmented text message so far */
   size_t message_len;
-  double deadline;  /* of the handshake and subscription */
+  double deadline;  /* of the handshake and subscription, or of draining */
   char key[25];
 };
 
@@ -193,8 +194,8 @@ static void base64(const uint8_t *data, size_t len, char *out) {
 /* --- frames out: masked, as a client's must be --- */
 
 static void send_frame(struct conn *c, int opcode, const uint8_t *payload, size_t len) {
-  uint8_t frame[14 + 256];
-  if (len > 256) return; /* only subscribe, pong and close frames go out: all short */
+  uint8_t frame[8 + 1024];
+  if (len > 1024) return; /* only subscribe, pong and close frames go out: all short */
   size_t head = len < 126 ? 2 : 4;
   frame[0] = 0x80 | opcode;
   if (head == 2) frame[1] = 0x80 | (uint8_t)len;
@@ -383,6 +384,29 @@ static const char *check_response(struct conn *c, const char *head) {
   return NULL;
 }
 
+/* Whether `text` is well-formed UTF-8 (RFC 3629: no overlong form, surrogate or code
+   point past U+10FFFF), as a text message must be (RFC 6455, 8.1). */
+static int utf8(const uint8_t *text, size_t len) {
+  size_t i = 0;
+  while (i < len) {
+    uint8_t b = text[i];
+    if (b < 0x80) {
+      i++;
+      continue;
+    }
+    size_t n = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc2 ? 2 : 0;
+    if (n == 0 || b > 0xf4 || len - i < n) return 0;
+    for (size_t j = 1; j < n; j++)
+      if ((text[i + j] & 0xc0) != 0x80) return 0;
+    uint8_t second = text[i + 1];
+    if ((b == 0xe0 && second < 0xa0) || (b == 0xed && second > 0x9f) ||
+        (b == 0xf0 && second < 0x90) || (b == 0xf4 && second > 0x8f))
+      return 0;
+    i += n;
+  }
+  return 1;
+}
+
 static void receive_message(struct conn *c, long index, const uint8_t *text, size_t len);
 
 /* Frames in `data`; what is left of a frame not yet whole is kept in c->in. */
@@ -414,6 +438,11 @@ static void frames(struct conn *c, long index, const uint8_t *data, size_t len) 
       if (opcode == 0x9) send_frame(c, 0xA, payload, (size_t)length);
       else if (opcode == 0x8) {
         int code = length >= 2 ? payload[0] << 8 | payload[1] : 1005;
+        int known = (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) ||
+                    (code >= 3000 && code <= 4999);
+        size_t reason = length >= 2 ? (size_t)length - 2 : 0;
+        if (length == 1 || (length >= 2 && !known) || !utf8(payload + 2, reason))
+          PROTOCOL_ERROR(c, 1002, "a malformed close frame");
         if (c->state != CLOSING) send_close(c, code == 1005 ? 1000 : code);
         ended(c, code);
         return;
@@ -451,29 +480,6 @@ static void frames(struct conn *c, long index, const uint8_t *data, size_t len) 
   c->in = kept, c->in_len = rest;
 }
 
-/* Whether `text` is well-formed UTF-8 (RFC 3629: no overlong form, surrogate or code
-   point past U+10FFFF), as a text message must be (RFC 6455, 8.1). */
-static int utf8(const uint8_t *text, size_t len) {
-  size_t i = 0;
-  while (i < len) {
-    uint8_t b = text[i];
-    if (b < 0x80) {
-      i++;
-      continue;
-    }
-    size_t n = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc2 ? 2 : 0;
-    if (n == 0 || b > 0xf4 || len - i < n) return 0;
-    for (size_t j = 1; j < n; j++)
-      if ((text[i + j] & 0xc0) != 0x80) return 0;
-    uint8_t second = text[i + 1];
-    if ((b == 0xe0 && second < 0xa0) || (b == 0xed && second > 0x9f) ||
-        (b == 0xf0 && second < 0x90) || (b == 0xf4 && second > 0x8f))
-      return 0;
-    i += n;
-  }
-  return 1;
-}
-
 static const char *field(const char *json, size_t len, const char *name) {
   const char *at = memmem(json, len, name, strlen(name));
   return at ? at + strlen(name) : NULL;
@@ -505,7 +511,7 @@ static void receive_message(struct conn *c, long index, const uint8_t *bytes, si
     latency[k][index] = at - sent;
     received[k]++;
   } else if (strncmp(type, "welcome\"", 8) == 0) {
-    char subscribe[300];
+    char subscribe[512];
     int n = snprintf(subscribe, sizeof subscribe, "{\"type\":\"subscribe\",\"channel\":\"%s\"}",
                      config.channel);
     send_frame(c, 0x1, (const uint8_t *)subscribe, (size_t)n);
@@ -678,6 +684,7 @@ static int next_command(char *line, size_t size) {
       have -= n + 1;
       return 1;
     }
+    if (have == sizeof pending - 1) have = 0; /* no command is that long: drop it */
     ssize_t got = read(STDIN_FILENO, pending + have, sizeof pending - have - 1);
     if (got == 0) return -1;
     if (got < 0) return 0;
@@ -690,6 +697,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: listeners '<config JSON>'\n");
     return 64;
   }
+  /* A write to a socket the peer reset must fail, not end the process. */
+  signal(SIGPIPE, SIG_IGN);
   char *json = argv[1];
   config.url_count = json_strings(json, "urls", config.urls, MAX_URLS);
   config.address_count = json_strings(json, "localAddresses", config.addresses, MAX_ADDRESSES);

@@ -37,6 +37,7 @@ import random
 import socket
 import struct
 import weakref
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,25 @@ def keepalive_tick(ping_interval: float) -> float:
 _grids: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, Ticks]] = (
     weakref.WeakKeyDictionary()
 )
+#: Seconds a keepalive ping or pong deadline may wait, past its tick, while the worker
+#: is busy (`hold_keepalive_while`).
+KEEPALIVE_HOLD = 2.0
+_holds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Callable[[], bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def hold_keepalive_while(loop: asyncio.AbstractEventLoop, busy: Callable[[], bool] | None) -> None:
+    """While `busy()`, the loop's keepalive waits, tick by tick, up to KEEPALIVE_HOLD seconds.
+
+    The worker calls it with its hub's fan-outs: a message to tens of thousands of
+    members then reaches them all before pings (a write and a pong to read each) take
+    their share of the CPU. None: nothing holds the keepalive any more.
+    """
+    if busy is None:
+        _holds.pop(loop, None)
+    else:
+        _holds[loop] = busy
 
 
 def keepalive_grid(loop: asyncio.AbstractEventLoop, ping_interval: float) -> Ticks:
@@ -128,6 +148,7 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         "_drop_timer",
         "_grid",
         "_handshake_timer",
+        "_held_since",
         "_keepalive",
         "_keepalive_tick",
         "reader",
@@ -152,6 +173,8 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         self._grid: Ticks | None = None
         self._keepalive: KeepaliveDue | None = None
         self._keepalive_tick = 0
+        # When the keepalive due now was first held (`tick`); None: not held.
+        self._held_since: float | None = None
 
     def drop_within(self, delay: float) -> None:
         """Abort the socket unless the connection is gone within `delay` seconds.
@@ -250,8 +273,23 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
         self._keepalive = None
 
     def tick(self) -> None:
-        """The keepalive's tick has come: ping, or give up on the pong (close 1011)."""
+        """The keepalive's tick has come: ping, or give up on the pong (close 1011).
+
+        Unless the worker is busy (`hold_keepalive_while`): then the next tick, for up to
+        KEEPALIVE_HOLD seconds.
+        """
         due, self._keepalive = self._keepalive, None
+        if due is None:
+            return
+        busy = _holds.get(self.loop)
+        if busy is not None and busy():
+            now = self.loop.time()
+            since = now if self._held_since is None else self._held_since
+            if now - since < KEEPALIVE_HOLD:
+                assert self._grid is not None
+                self._wait_for(due, now + self._grid.interval)
+                self._held_since = since
+                return
         if due is KeepaliveDue.PING:
             self.send_keepalive_ping()
         elif due is KeepaliveDue.PONG:
@@ -266,6 +304,7 @@ class ReadingProtocol(WebSocketsSansIOProtocol):
             grid.discard(self._keepalive_tick, self)
         self._keepalive = due
         self._keepalive_tick = grid.add(when, self)
+        self._held_since = None
 
     def pause_writing(self) -> None:
         """As uvicorn's: the client reads slowly (called from inside a write)."""

@@ -53,6 +53,23 @@ class Recorder(Protocol):
 _INTERRUPTED = None
 
 
+class FanOuts:
+    """How many of a worker's channels are delivering a message in chunks right now.
+
+    Work that can wait (the keepalive's pings) waits while one is: a message to more
+    members than a chunk takes the worker's turns until it reached them all.
+    """
+
+    __slots__ = ("under_way",)
+
+    def __init__(self) -> None:
+        self.under_way = 0
+
+    def busy(self) -> bool:
+        """True while a fan-out is being delivered in chunks."""
+        return self.under_way > 0
+
+
 @dataclass(slots=True)
 class _FanOut:
     """A message being delivered in chunks: `members[served:]` have not had it yet."""
@@ -86,6 +103,7 @@ class Channel:
         "_chunk",
         "_drainer",
         "_fanout",
+        "_fanouts",
         "_on_fanout",
         "drop_task",
         "failure",
@@ -105,12 +123,15 @@ class Channel:
         chunk: int,
         catch_up: Callable[[Channel], Awaitable[Sequence[Message]]],
         on_fanout: Callable[[int], None] | None,
+        fanouts: FanOuts | None = None,
     ) -> None:
         self.name = name
         self._chunk = chunk
         # Reads what the worker missed after an interruption (`resume.catch_up`).
         self._catch_up = catch_up
         self._on_fanout = on_fanout
+        # Counts this channel's chunked fan-out while there is one (`_set_fanout`).
+        self._fanouts = fanouts
         self.members: set[Member] = set()
         # Resumed members whose history reached further than the channel has got yet:
         # each skips the messages up to its horizon, then becomes a plain member.
@@ -155,7 +176,8 @@ class Channel:
 
     def stop(self) -> asyncio.Task[None] | None:
         """Stop working the backlog off (the subscription ends); the task to await."""
-        drainer, self._drainer, self._backlog, self._fanout = self._drainer, None, None, None
+        drainer, self._drainer, self._backlog = self._drainer, None, None
+        self._set_fanout(None)
         if drainer is not None:
             drainer.cancel()
         return drainer
@@ -181,8 +203,14 @@ class Channel:
             self._deliver(frame, members)
             return
         self._deliver(frame, members[:chunk])
-        self._fanout = _FanOut(frame, members, chunk)
+        self._set_fanout(_FanOut(frame, members, chunk))
         self._fall_behind()
+
+    def _set_fanout(self, fanout: _FanOut | None) -> None:
+        """The chunked fan-out under way (None: none), counted in `fanouts` while it is."""
+        if self._fanouts is not None and (fanout is None) != (self._fanout is None):
+            self._fanouts.under_way += -1 if fanout is None else 1
+        self._fanout = fanout
 
     def _promote(self, position: Position) -> None:
         """Make plain members of the resumed members for whom `position` is new."""
@@ -231,7 +259,7 @@ class Channel:
                     self._deliver(fanout.frame, chunk)
                     fanout.served = end
                     if end >= len(fanout.members):
-                        self._fanout = None
+                        self._set_fanout(None)
                     continue
                 if not backlog:
                     break
@@ -247,4 +275,5 @@ class Channel:
         finally:
             if self._backlog is backlog:
                 # Caught up: the next message is fanned out from the broker's read again.
-                self._backlog = self._drainer = self._fanout = None
+                self._backlog = self._drainer = None
+                self._set_fanout(None)

@@ -15,7 +15,7 @@ from functools import partial
 
 from service.broker import Broker, Position
 from service.errors import BrokerUnavailable
-from service.hub.fanout import Channel, Member
+from service.hub.fanout import Channel, FanOuts, Member
 from service.hub.resume import HistoryStats, Joined, StandIn, catch_up, finish_resume
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class Hub:
         self._stand_in = (catchup_frames, catchup_chars)
         self._on_fanout = on_fanout
         self._channels: dict[str, Channel] = {}
+        #: Channels delivering a message in chunks now (`busy`).
+        self.fanouts = FanOuts()
         #: What the history reads achieved (metrics).
         self.stats = HistoryStats()
         self._catch_up = partial(catch_up, broker, self.stats)
@@ -132,6 +134,7 @@ class Hub:
                     chunk=self._fanout_chunk,
                     catch_up=self._catch_up,
                     on_fanout=self._on_fanout,
+                    fanouts=self.fanouts,
                 )
             elif channel.stack is not None:
                 # Already subscribed: instant, unless Redis is being reconnected to.

@@ -305,6 +305,9 @@ async def test_a_close_from_the_server_is_echoed_and_counted() -> None:
         (frame(0x1, b'{"type":"message","data":"\xc3\x28"}'), 1007),  # not UTF-8
         (frame(0x1, b'{"type":"x","a":"\xed\xa0\x80"}'), 1007),  # a surrogate
         (frame(0x1, b"x" * (2**20 + 1)), 1009),  # over the 1 MiB it takes
+        (frame(0x8, b"\x03"), 1002),  # a close with half a code
+        (frame(0x8, struct.pack("!H", 1005)), 1002),  # a code no frame may carry
+        (frame(0x8, struct.pack("!H", 1000) + b"\xff"), 1002),  # a reason not UTF-8
     ],
 )
 async def test_a_protocol_error_fails_the_connection_with_its_code(bad: bytes, code: int) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from service.broker import Broker
 from service.hub import Hub
+from service.hub.fanout import Channel, FanOuts
 from service.settings import Settings
 from tests.helpers import async_wait_for
 
@@ -178,3 +179,53 @@ async def test_members_that_leave_during_a_fan_out_in_chunks_are_not_served(
     # before it acted (one chunk is one synchronous step), then left; the rest, none.
     assert sorted(len(m.frames) for m in members) == [0, 0, 0, 0, 1, 3]
     await hub.close()
+
+
+async def test_a_fan_out_in_chunks_counts_as_busy_until_its_last_chunk(broker: Broker) -> None:
+    # The worker's keepalive waits while one is under way (hold_keepalive_while).
+    hub = Hub(broker, linger=0, fanout_chunk=2)
+    busy_seen: list[bool] = []
+
+    class Watcher(Recorder):
+        def deliver(self, frame: str) -> None:
+            super().deliver(frame)
+            busy_seen.append(hub.fanouts.busy())
+
+    members = [Watcher() for _ in range(5)]
+    small = Watcher()
+    for member in members:
+        await hub.join("big", member)
+    await hub.join("small", small)
+    assert not hub.fanouts.busy()
+    await broker.publish("small", b"1")  # one chunk: delivered in one step, never busy
+    await async_wait_for(lambda: _all_have([small], 1), what="the small channel's message")
+    assert busy_seen == [False]
+    busy_seen.clear()
+    await broker.publish("big", b"1")
+    await async_wait_for(lambda: _all_have(members, 1), what="every chunk")
+    # The first chunk goes out in the broker's read, in one step; busy from then until
+    # the last chunk (which ends it).
+    assert busy_seen == [False, False, True, True, True]
+    await async_wait_for(lambda: _true(not hub.fanouts.busy()), what="the fan-out to end")
+    assert hub.fanouts.under_way == 0
+    await hub.close()
+
+
+async def test_a_fan_out_stopped_halfway_is_not_busy_any_more() -> None:
+    fanouts = FanOuts()
+
+    async def no_history(channel: Channel) -> list[tuple[None, str]]:
+        return []
+
+    channel = Channel("big", chunk=2, catch_up=no_history, on_fanout=None, fanouts=fanouts)
+    members = [Recorder() for _ in range(5)]
+    channel.members.update(members)
+    channel.message(None, "frame")  # the first chunk now, the rest in later turns
+    assert sum(len(m.frames) for m in members) == 2
+    assert fanouts.busy()
+    drainer = channel.stop()  # the subscription ends (the channel is dropped)
+    assert not fanouts.busy()
+    assert drainer is not None
+    with pytest.raises(asyncio.CancelledError):
+        await drainer
+    assert fanouts.under_way == 0

@@ -18,8 +18,15 @@ from websockets.client import ClientProtocol
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from service.adapters import uvicorn as adapter
 from service.adapters.ticks import Ticks
-from service.adapters.uvicorn import KeepaliveDue, ReadingProtocol, keepalive_grid, keepalive_tick
+from service.adapters.uvicorn import (
+    KeepaliveDue,
+    ReadingProtocol,
+    hold_keepalive_while,
+    keepalive_grid,
+    keepalive_tick,
+)
 from tests.helpers import async_wait_for
 from tests.unit.test_wire import close_code, open_protocol
 
@@ -201,3 +208,44 @@ async def test_connections_share_one_grid_and_its_timers(monkeypatch: pytest.Mon
     for protocol in protocols:
         protocol.connection_lost(None)
     assert grid.pending() == 0
+
+
+async def test_while_the_worker_is_busy_a_ping_waits_tick_by_tick_until_it_is_not() -> None:
+    loop = asyncio.get_running_loop()
+    busy = True
+    hold_keepalive_while(loop, lambda: busy)
+    try:
+        protocol, transport = await open_protocol(ws_ping_interval=0.2, ws_ping_timeout=0.2)
+        first = protocol._keepalive_tick
+        await async_wait_for(
+            lambda: protocol._keepalive_tick >= first + 3, 2, "the ping to be held a few ticks"
+        )
+        assert b"\x89\x04" not in transport.written
+        assert protocol._keepalive is KeepaliveDue.PING
+        assert keepalive_grid(loop, 0.2).pending() == 1  # moved on, not copied
+        busy = False
+        await ticked(protocol, KeepaliveDue.PONG)  # pinged at the next tick
+        assert transport.written.count(b"\x89\x04") == 1
+        protocol.data_received(pong_for(transport.written))
+        assert protocol._held_since is None
+    finally:
+        hold_keepalive_while(loop, None)
+
+
+async def test_a_worker_busy_for_ever_holds_a_ping_and_a_pong_deadline_only_so_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(adapter, "KEEPALIVE_HOLD", 0.1)
+    loop = asyncio.get_running_loop()
+    hold_keepalive_while(loop, lambda: True)
+    try:
+        opened = loop.time()
+        protocol, transport = await open_protocol(ws_ping_interval=0.2, ws_ping_timeout=0.2)
+        await ticked(protocol, KeepaliveDue.PONG)
+        pinged = protocol.ping_sent_at
+        assert pinged - opened >= 0.2 + 0.1 - 0.01  # its interval, then held 0.1 s
+        await ticked(protocol, None)
+        assert close_code(transport.written) == 1011
+        assert loop.time() - pinged >= 0.2 + 0.1 - 0.01  # the timeout, then held too
+    finally:
+        hold_keepalive_while(loop, None)
