@@ -59,9 +59,6 @@ async def running(
             on_fanout=metrics.delivered,
         )
         metrics.watch(hub, broker)
-        # A one-to-all reaches every member before the keepalive's pings take their turns.
-        loop = asyncio.get_running_loop()
-        hold_keepalive_while(loop, hub.fanouts.busy)
         runtime = Runtime(
             settings=settings,
             broker=broker,
@@ -88,6 +85,9 @@ async def running(
             settings.redacted_url(),
             settings.redis_prefix,
         )
+        # A one-to-all reaches every member before the keepalive's pings take their turns.
+        loop = asyncio.get_running_loop()
+        hold_keepalive_while(loop, hub.fanouts.busy)
         try:
             yield runtime
         finally:
