@@ -39,8 +39,10 @@
 #define MAX_ADDRESSES 256
 #define MAX_BROADCASTS 4096
 
-/* DRAINING: failed, its close frame sent and its sending side shut; what still comes is
-   read and dropped until the peer closes too, so that the peer gets to read the close. */
+/* DRAINING: closed at the WebSocket level (both close frames, or ours after a protocol
+   error); what still comes is read and dropped until the server closes the TCP connection,
+   which it does first (RFC 6455, 7.1.1): its side, not this one, then holds the address
+   in TIME_WAIT, and a server started later on this loopback address can bind it. */
 enum state { IDLE, CONNECTING, HANDSHAKE, OPEN, SUBSCRIBED, CLOSING, DRAINING, DONE };
 
 struct conn {
@@ -249,8 +251,13 @@ static void ended(struct conn *c, int code) {
   if (c->state == SUBSCRIBED || c->state == CLOSING) {
     if (!closing && code >= 0 && code < 5000) closes[code]++;
     if (c->state == SUBSCRIBED) connected--;
-    drop(c);
-    c->state = DONE;
+    if (code == 1006) { /* the TCP connection is gone already */
+      drop(c);
+      c->state = DONE;
+    } else {
+      c->state = DRAINING;
+      c->deadline = now_ms() + 5000;
+    }
   } else {
     char why[64];
     snprintf(why, sizeof why, "closed %d before subscribing", code);
@@ -304,6 +311,8 @@ static int start(struct conn *c, long index) {
   }
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  /* Should this side still hold the address when the process ends, a server may bind it. */
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (bind(fd, (struct sockaddr *)&local, sizeof local) < 0 ||
       (connect(fd, (struct sockaddr *)&remote, sizeof remote) < 0 && errno != EINPROGRESS)) {
     note_failure(strerror(errno));
@@ -780,7 +789,8 @@ close_all:
   double until = now_ms() + 5000;
   for (;;) {
     long open = 0;
-    for (long i = 0; i < config.connections; i++) open += conns[i].state == CLOSING;
+    for (long i = 0; i < config.connections; i++)
+      open += conns[i].state == CLOSING || conns[i].state == DRAINING;
     if (!open || now_ms() > until) break;
     poll_once(50);
   }

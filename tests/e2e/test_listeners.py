@@ -283,6 +283,10 @@ async def test_a_close_from_the_server_is_echoed_and_counted() -> None:
         await peer.subscribe()
         await peer.send(frame(0x8, struct.pack("!H", 4000) + b"bye"))
         assert await peer.read_close() == 4000
+        # The client leaves closing the TCP connection to the server (RFC 6455, 7.1.1),
+        # so that the server's side, not the client's address, waits in TIME_WAIT.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(peer.reader.read(1), 0.3 * UNIT)
 
     async with server(script) as (port, problems), generator(port) as gen:
         assert (await gen.event("ready"))["connected"] == 1
