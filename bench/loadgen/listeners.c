@@ -752,28 +752,30 @@ int main(int argc, char **argv) {
   emit_ready(now_ms() - started, first_round_failures, first_round);
 
   /* Commands until `close`; meanwhile the audience receives. */
-  long collecting = -1;
+  int collecting = 0;
+  long k = 0;
   double collect_until = 0;
   char line[4096];
   for (;;) {
-    poll_once(collecting >= 0 ? 5 : 50);
+    poll_once(collecting ? 5 : 50);
     int got;
-    while (collecting < 0 && (got = next_command(line, sizeof line)) != 0) {
+    while (!collecting && (got = next_command(line, sizeof line)) != 0) {
       if (got < 0) return 0; /* the runner went away */
       if (strstr(line, "\"collect\"")) {
-        collecting = json_long(line, "k", 0);
+        collecting = 1;
+        k = json_long(line, "k", 0);
         collect_until = now_ms() + json_long(line, "timeoutMs", 30000);
       } else if (strstr(line, "\"close\"")) {
         goto close_all;
       }
     }
-    if (collecting >= 0) {
-      long k = collecting;
-      int all = k < MAX_BROADCASTS && received[k] >= connected;
+    if (collecting) {
+      long got_k = k >= 0 && k < MAX_BROADCASTS ? received[k] : 0; /* one it cannot hold: none */
+      int all = got_k >= connected;
       if (all || now_ms() > collect_until) {
-        if (!all) log_line("broadcast %ld: %ld of %ld by the timeout", k, received[k], connected);
+        if (!all) log_line("broadcast %ld: %ld of %ld by the timeout", k, got_k, connected);
         emit_collected(k);
-        collecting = -1;
+        collecting = 0;
       }
     }
   }

@@ -250,6 +250,10 @@ async def test_a_subscription_and_its_messages_whole_cut_and_long() -> None:
             assert (got["k"], got["received"], got["connected"]) == (k, 1, 1)
             [latency] = got["latencies_ms"]
             assert 0 <= latency < 5000
+        for k in (-1, 4096, 10**12):  # broadcasts it holds no place for: received by none
+            await gen.command(cmd="collect", k=k, timeoutMs=50)
+            got = await gen.event("collected")
+            assert (got["k"], got["received"], got["latencies_ms"]) == (k, 0, [])
         result = await gen.close()
     assert not problems, problems
     assert result["duplicates"] == 0
