@@ -123,7 +123,7 @@ class Channel:
         chunk: int,
         catch_up: Callable[[Channel], Awaitable[Sequence[Message]]],
         on_fanout: Callable[[int], None] | None,
-        fanouts: FanOuts | None = None,
+        fanouts: FanOuts,
     ) -> None:
         self.name = name
         self._chunk = chunk
@@ -208,7 +208,7 @@ class Channel:
 
     def _set_fanout(self, fanout: _FanOut | None) -> None:
         """The chunked fan-out under way (None: none), counted in `fanouts` while it is."""
-        if self._fanouts is not None and (fanout is None) != (self._fanout is None):
+        if (fanout is None) != (self._fanout is None):
             self._fanouts.under_way += -1 if fanout is None else 1
         self._fanout = fanout
 
