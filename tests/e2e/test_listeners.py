@@ -283,8 +283,11 @@ async def test_a_fragmented_message_a_repeat_and_frames_in_the_same_read_as_the_
 
 
 async def test_a_close_from_the_server_is_echoed_and_counted() -> None:
+    go = asyncio.Event()
+
     async def script(peer: Peer) -> None:
         await peer.subscribe()
+        await go.wait()  # once the generator is ready: else it may be gone before it counts
         await peer.send(frame(0x8, struct.pack("!H", 4000) + b"bye"))
         assert await peer.read_close() == 4000
         # The client leaves closing the TCP connection to the server (RFC 6455, 7.1.1),
@@ -294,8 +297,13 @@ async def test_a_close_from_the_server_is_echoed_and_counted() -> None:
 
     async with server(script) as (port, problems), generator(port) as gen:
         assert (await gen.event("ready"))["connected"] == 1
-        got = await collected(gen, 0)  # nobody is connected: at once, with nothing
-        assert (got["received"], got["connected"]) == (0, 0)
+        go.set()
+
+        async def nobody_connected() -> bool:
+            got = await collected(gen, 0)
+            return (got["received"], got["connected"]) == (0, 0)
+
+        await async_wait_for(nobody_connected, what="the close to be echoed")
         result = await gen.close()
     assert not problems, problems
     assert result["closes"] == {"4000": 1}
